@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.data import DATASETS
 from fastdiff.errors import InputError
 
-DATASETS = ("digits", "fashion-mnist", "folder", "8gaussians", "moons", "circles", "checkerboard", "swissroll")
 
 
 def _load_scheduler_config(path: str) -> dict:
@@ -52,18 +52,9 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Summarise a dataset and optionally write a grid of its first images."""
-    from fastdiff import data as fd
+    from fastdiff.data import load_dataset
 
-    if args.name == "digits":
-        ds = fd.load_digits(args.split, seed=args.seed)
-    elif args.name == "fashion-mnist":
-        ds = fd.load_fashion_mnist(args.split, root=args.root, seed=args.seed)
-    elif args.name == "folder":
-        if args.root is None:
-            raise InputError("`fastdiff data folder` needs --root DIR")
-        ds = fd.load_image_folder(args.root, size=args.size, channels=args.channels, labels=args.labels, seed=args.seed)
-    else:
-        ds = fd.toy_2d(args.name, seed=args.seed or 0)
+    ds = load_dataset(args.name, args.split, args.root, args.size, args.channels, args.labels, args.seed)
     counts = torch.bincount(ds.labels, minlength=ds.num_classes).tolist()
     print(f"{ds.name}: {len(ds)} items of shape {tuple(ds.data.shape[1:])}, values in "
           f"[{ds.data.min().item():.3f}, {ds.data.max().item():.3f}], {ds.num_classes} classes {counts}")
@@ -73,6 +64,149 @@ def cmd_data(args: argparse.Namespace) -> None:
         from fastdiff.images import save_grid
 
         print(f"wrote {save_grid(ds.data[: args.num], args.grid, scale=4)}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Run a training recipe (YAML) with dotted overrides."""
+    from fastdiff.config import load_config
+    from fastdiff.teacher import TeacherRecipe, train_teacher
+
+    recipe = load_config(TeacherRecipe, args.recipe, args.set)
+    print(f"saved {train_teacher(recipe, progress=not args.no_progress)}")
+
+
+def _write_json(path: str | None, record: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    """A plain aligned table (numbers to 4 significant digits)."""
+    cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    """FID (and KID, precision/recall) between two sources, or a pipeline sampled on the fly and a reference."""
+    import fastdiff
+    from fastdiff.evaluation import compare, load_source, source_features
+    from fastdiff.extractors import load_extractor
+    from fastdiff.metrics import FeatureSet
+
+    expected = 1 if args.pipeline else 2
+    if len(args.sources) != expected:
+        raise InputError(
+            "give two sources (GENERATED REFERENCE)" if expected == 2 else "with --pipeline give one source: the REFERENCE"
+        )
+    extractor = load_extractor(args.extractor, args.inception_weights)
+    channels = extractor.image_shape[0] if extractor.image_shape else 3
+    record: dict = {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256, "resize": extractor.resize}
+    ref = load_source(args.sources[-1], channels, args.size)
+    if args.pipeline:
+        samples, record["generated"] = _sample_for_fid(args)
+        gen = FeatureSet.from_features(_features(extractor, samples.images, args))
+    else:
+        src = load_source(args.sources[0], channels, args.size)
+        if src.stats is not None:
+            raise InputError(f"{args.sources[0]}: the generated side must be images, not statistics")
+        gen = source_features(src, extractor, use_cache=False, progress=not args.no_progress)
+        record["generated"] = {"source": src.description}
+    reference = source_features(ref, extractor, use_cache=not args.no_cache, progress=not args.no_progress)
+    record["reference"] = {"source": ref.description, "content_sha256": ref.content_sha256}
+    record["num_generated"], record["num_reference"] = gen.n, reference.n
+    record["seed"] = args.seed
+    record["metrics"] = compare(gen, reference, args.kid, args.pr, seed=args.seed)
+    record["fastdiff"] = fastdiff.__version__
+    _print_table([{"metric": k, "value": v} for k, v in record["metrics"].items()], ["metric", "value"])
+    print(f"extractor {extractor.name} (sha256 {extractor.weights_sha256[:12]}, resize: {extractor.resize}); "
+          f"{gen.n} generated vs {reference.n} reference ({ref.description})")
+    if args.save_stats:
+        gen.save(args.save_stats)
+        print(f"wrote {args.save_stats}")
+    _write_json(args.json, record)
+
+
+def _features(extractor, images, args):
+    from fastdiff.metrics import extract_features
+
+    if extractor.image_shape is not None and tuple(images.shape[1:]) != extractor.image_shape:
+        raise InputError(f"the pipeline makes images {tuple(images.shape[1:])}; the {extractor.name} extractor takes {extractor.image_shape}")
+    return extract_features(extractor, images, progress=not args.no_progress, desc="generated")
+
+
+def _sample_for_fid(args: argparse.Namespace):
+    from fastdiff.pipelines import load_pipeline
+    from fastdiff.sampling import make_scheduler, sample_pipeline
+
+    pipe = load_pipeline(args.pipeline)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    samples = sample_pipeline(
+        pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, progress=not args.no_progress
+    )
+    info = {"pipeline": args.pipeline, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,
+            "nfe": samples.nfe, "guidance_scale": args.guidance, "num_samples": args.num_samples}  # fmt: skip
+    return samples, info
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Sample a grid PNG and an .npz from a pipeline."""
+    import numpy as np
+
+    from fastdiff.images import save_grid, to_uint8
+    from fastdiff.pipelines import load_pipeline
+    from fastdiff.sampling import make_scheduler, sample_pipeline
+
+    out = Path(args.out)
+    targets = [out / "grid.png", out / "samples.npz"]
+    if any(p.exists() for p in targets) and not args.overwrite:
+        raise InputError(f"{out} already holds grid.png / samples.npz; pass --overwrite or another --out")
+    pipe = load_pipeline(args.pipeline)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    labels = None
+    if args.classes:
+        labels = torch.tensor([int(c) for c in args.classes.split(",")])
+        labels = labels.repeat((args.num_samples + len(labels) - 1) // len(labels))[: args.num_samples]
+    samples = sample_pipeline(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, labels,
+                              progress=not args.no_progress)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(samples.images, out / "grid.png", nrow=args.nrow, scale=args.scale)
+    np.savez(out / "samples.npz", images=to_uint8(samples.images), class_labels=samples.labels.numpy(),
+             seed=np.array(args.seed), steps=np.array(args.steps), guidance_scale=np.array(args.guidance),
+             scheduler=np.array(type(pipe.scheduler).__name__), nfe=np.array(samples.nfe))  # fmt: skip
+    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.num_samples} images, "
+          f"{type(pipe.scheduler).__name__}, {args.steps} steps = {samples.nfe:g} NFE)")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    """FID against NFE of the shipped teacher with diffusers' schedulers; a table, a grid and a plot."""
+    from fastdiff.quickstart import QuickstartConfig, run_quickstart
+
+    cfg = QuickstartConfig(teacher=args.teacher, num_samples=args.num_samples, guidance_scale=args.guidance,
+                           seed=args.seed, out=args.out)  # fmt: skip
+    if args.steps:
+        cfg.steps = tuple(int(s) for s in args.steps.split(","))
+    record = run_quickstart(cfg, progress=not args.no_progress)
+    print(f"\n{cfg.teacher} teacher, domain FID vs {record['reference']}, {cfg.num_samples} samples, "
+          f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}")
+    _print_table(record["rows"], ["sampler", "steps", "nfe", "fid", "seconds"])
+    print(f"wrote {cfg.out}/quickstart.json, {cfg.out}/fid_vs_nfe.png, {cfg.out}/grid.png")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Run a benchmark: JSON in benchmarks/, tables regenerated in BENCHMARKS.md."""
+    from fastdiff.bench import run_bench, write_report
+
+    if args.name == "report":
+        print(f"wrote {write_report()}")
+        return
+    print(f"wrote {run_bench(args.name, args.quick, progress=not args.no_progress)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -94,6 +228,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions and the time convention")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="run a training recipe (also: accelerate launch scripts/train.py RECIPE)")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/teacher_digits.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    from fastdiff.extractors import EXTRACTORS
+    from fastdiff.sampling import SCHEDULERS
+
+    def add_pipeline_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--pipeline", required=required, metavar="PATH", help="a fastdiff/diffusers pipeline folder, e.g. assets/teachers/fashion-mnist")
+        p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="swap in this diffusers scheduler (default: the folder's)")
+        p.add_argument("--steps", type=int, default=20, help="inference steps (default 20)")
+        p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
+        p.add_argument("--num-samples", type=int, default=1000, help="images to draw (default 1000)")
+        p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i), not on the batch size")
+        p.add_argument("--batch-size", type=int, default=250, help="images per pipeline call (default 250)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("sample", help="sample a PNG grid and an .npz from a pipeline")
+    add_pipeline_args(p, required=True)
+    p.add_argument("--classes", help="comma-separated class labels, cycled (default: all classes in turn)")
+    p.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
+    p.add_argument("--nrow", type=int, help="images per grid row")
+    p.add_argument("--scale", type=int, default=4, help="grid upscaling factor (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace grid.png / samples.npz in --out")
+    p.set_defaults(func=cmd_sample, num_samples=64)
+
+    p = sub.add_parser("fid", help="FID / KID / precision-recall of images against a reference",
+                       description="Sources: an image folder, an .npz (images under `images`/`arr_0`, or mu/sigma "
+                       "statistics), or a data set split such as fashion-mnist:test. "
+                       "`fastdiff fid GENERATED REFERENCE` or `fastdiff fid --pipeline PATH ... REFERENCE`.")  # fmt: skip
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    add_pipeline_args(p, required=False)
+    p.add_argument("--extractor", default="inception", help=f"{', '.join(EXTRACTORS)} or an extractor folder (default inception)")
+    p.add_argument("--inception-weights", metavar="PATH", help=f"torch-fidelity's Inception weights (offline machines)")
+    p.add_argument("--kid", action="store_true", help="also KID (unbiased, mean and std over subsets)")
+    p.add_argument("--pr", action="store_true", help="also precision/recall (k-NN manifolds, k=3)")
+    p.add_argument("--size", type=int, help="resize folder images: shorter side to SIZE, centre crop (default: error on mixed sizes)")
+    p.add_argument("--json", metavar="OUT", help="write the result and its settings as JSON")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the generated side's mu/sigma/features")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("quickstart", help="the main job: FID vs NFE of the shipped teacher (a few CPU minutes)")
+    p.add_argument("--teacher", choices=("fashion-mnist", "digits"), default="fashion-mnist")
+    p.add_argument("--num-samples", type=int, default=500, help="images per run (default 500)")
+    p.add_argument("--steps", help="comma-separated step counts (default 4,8,16)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/quickstart", help="folder for the JSON, grid and plot")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md")
+    p.add_argument("name", choices=("teachers", "report"), help="`report` only regenerates BENCHMARKS.md")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("schedule", help="print a diffusers scheduler config's timestep/sigma grid")
     p.add_argument("config", help="scheduler_config.json, a scheduler folder or a pipeline folder")

@@ -31,6 +31,8 @@ __all__ = [
     "toy_2d",
     "read_idx",
     "make_loader",
+    "load_dataset",
+    "DATASETS",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -40,6 +42,7 @@ FASHION_MNIST_CLASSES = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = ("train", "test")
 TOY_2D = ("8gaussians", "moons", "circles", "checkerboard", "swissroll")
+DATASETS = ("digits", "fashion-mnist", "folder", *TOY_2D)
 
 
 @dataclass
@@ -277,3 +280,25 @@ def _sklearn_toy(name: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
         x, _ = datasets.make_swiss_roll(n, noise=0.3, random_state=seed)
         x, y = x[:, [0, 2]] / 13.0, np.zeros(n, dtype=np.int64)
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: str | Path | None = None,
+    size: int | None = None,
+    channels: int = 3,
+    labels: bool = True,
+    seed: int | None = None,
+) -> LabeledData:
+    """Any of :data:`DATASETS` by name (``folder`` reads ``root`` with :func:`load_image_folder`)."""
+    check_choice("dataset", name, DATASETS)
+    if name == "digits":
+        return load_digits(split, seed=seed)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, root=root, seed=seed)
+    if name == "folder":
+        if root is None:
+            raise InputError("the `folder` dataset needs a root folder")
+        return load_image_folder(root, size=size, channels=channels, labels=labels, seed=seed)
+    return toy_2d(name, seed=seed or 0)

@@ -1,0 +1,187 @@
+"""``fastdiff bench``: benchmarks that write JSON to ``benchmarks/`` and regenerate ``BENCHMARKS.md`` from it.
+
+Numbers are never typed into the report: every table is rendered from the JSON a benchmark run wrote, and every
+section names the command that regenerates it and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["machine", "bench_teachers", "write_report", "BENCH_DIR"]
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def bench_teachers(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), progress: bool = True) -> dict:
+    """Each shipped teacher's domain FID at 50 NFE against the test split, the train-vs-test floor at the same sample
+    count, the FID of a set against itself, the spread over seeds, and the Inception path end to end."""
+    from fastdiff.evaluation import load_source, source_features
+    from fastdiff.extractors import ASSETS, load_extractor
+    from fastdiff.metrics import FeatureSet, extract_features, fid
+    from fastdiff.pipelines import load_pipeline
+    from fastdiff.quickstart import teacher_path
+    from fastdiff.sampling import make_scheduler, sample_pipeline
+
+    result = {"machine": machine(), "quick": quick, "teachers": {}}
+    for name, n_full in (("digits", 360), ("fashion-mnist", 2000)):
+        n = 100 if quick else n_full
+        extractor = load_extractor(name)
+        test = source_features(load_source(f"{name}:test", 1), extractor, progress=progress)
+        train_images = load_source(f"{name}:train", 1).images
+        pipe = load_pipeline(teacher_path(name))
+        pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
+        teacher, floor = [], []
+        start = time.perf_counter()
+        for seed in seeds:
+            samples = sample_pipeline(pipe, n, 50, 1.0, seed, progress=progress)
+            teacher.append(fid(FeatureSet.from_features(extract_features(extractor, samples.images)), test))
+        seconds = (time.perf_counter() - start) / len(seeds)
+        for seed in seeds:
+            pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
+            floor.append(fid(FeatureSet.from_features(extract_features(extractor, train_images[pick])), test))
+        training = json.loads((teacher_path(name) / "training.json").read_text())
+        extractor_record = json.loads((ASSETS / "extractors" / name / "config.json").read_text())
+        result["teachers"][name] = {
+            "num_samples": n, "reference": f"{name}:test ({test.n} images)", "nfe": samples.nfe,
+            "teacher_fid_50nfe": _mean_std(teacher), "train_vs_test_floor": _mean_std(floor),
+            "self_fid": fid(test, test), "sampling_seconds_per_seed": round(seconds, 1),
+            "teacher_params": training["parameters"], "teacher_train_minutes": training["wall_minutes"],
+            "teacher_steps": training["steps"], "model": training["recipe"]["model"]["kind"],
+            "extractor_test_accuracy": extractor_record["test_accuracy"],
+        }  # fmt: skip
+    result["inception"] = _inception_path()
+    return result
+
+
+def _inception_path() -> dict:
+    """FID through the standard Inception extractor with a weights file made locally (random init)."""
+    from fastdiff.evaluation import load_source, source_features
+    from fastdiff.extractors import load_extractor
+    from fastdiff.metrics import fid
+    from fastdiff.testing import write_random_inception_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = write_random_inception_weights(Path(tmp) / "inception.pth")
+        extractor = load_extractor("inception", weights)
+        start = time.perf_counter()
+        a = load_source("digits:test", 3)
+        a.images = a.images[:32]
+        b = load_source("digits:train", 3)
+        b.images = b.images[:32]
+        fa, fb = (source_features(s, extractor, use_cache=False) for s in (a, b))
+        value = fid(fa, fb)
+        return {"fid_digits_train32_vs_test32": value, "self_fid": fid(fa, fa), "feature_dim": fa.dim,
+                "resize": extractor.resize, "seconds": round(time.perf_counter() - start, 1),
+                "weights": "random init written by fastdiff.testing.write_random_inception_weights (not the real weights)"}  # fmt: skip
+
+
+# -- the report -------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+
+
+def _render_teachers(data: dict) -> list[str]:
+    lines = [
+        "## Teachers and the evaluator",
+        "",
+        "Domain FID (the shipped extractors' 128-d features) at 50 NFE (DDIM, no guidance) against the test split,",
+        "next to the floor: FID of the same number of *real* training images against the same test split. Mean ± std",
+        "over seeds (teacher: sampling seeds; floor: random training subsets).",
+        "",
+        "| teacher | model | params | trained | samples | teacher FID @ 50 NFE | train-vs-test floor | FID(test, test) | extractor test acc. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in data["teachers"].items():
+        t, f = r["teacher_fid_50nfe"], r["train_vs_test_floor"]
+        lines.append(
+            f"| {name} | {r['model']} | {r['teacher_params'] / 1e6:.2f} M | {r['teacher_steps']} steps, "
+            f"{r['teacher_train_minutes']:.0f} CPU-min | {r['num_samples']} | {_fmt(t['mean'])} ± {_fmt(t['std'])} | "
+            f"{_fmt(f['mean'])} ± {_fmt(f['std'])} | {_fmt(r['self_fid'])} | {r['extractor_test_accuracy']:.2%} |"
+        )
+    inc = data["inception"]
+    lines += [
+        "",
+        f"Inception path, end to end offline ({inc['weights']}): FID of 32 digits-train vs 32 digits-test images "
+        f"= {_fmt(inc['fid_digits_train32_vs_test32'])}, self-FID = {_fmt(inc['self_fid'])}, {inc['feature_dim']}-d "
+        f"features, resize {inc['resize']}, {inc['seconds']} s. With torch-fidelity's real weights "
+        "(`--inception-weights`) the same command gives the standard numbers.",
+    ]
+    return lines
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {"teachers": _render_teachers}
+COMMANDS = {"teachers": "fastdiff bench teachers"}
+
+
+def write_report(bench_dir: Path = BENCH_DIR, out: Path = ROOT / "BENCHMARKS.md") -> Path:
+    """Regenerate ``BENCHMARKS.md`` from every ``benchmarks/<name>.json`` that exists."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `fastdiff bench ...` from the JSON files in `benchmarks/`; do not edit by hand.",
+        "",
+    ]
+    for name, render in RENDERERS.items():
+        path = Path(bench_dir) / f"{name}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        m = data["machine"]
+        lines += render(data)
+        lines += [
+            "",
+            f"*Regenerate: `{COMMANDS[name]}`{' --quick' if data.get('quick') else ''}. Machine: {m['cpu']}, "
+            f"{m['cores']} cores, {m['device']}, torch {m['torch']}, {m['date']}.*",
+            "",
+        ]
+    out = Path(out)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    return out
+
+
+def run_bench(name: str, quick: bool, progress: bool = True) -> Path:
+    """Run benchmark ``name``, write its JSON and regenerate the report."""
+    runners = {"teachers": bench_teachers}
+    data = runners[name](quick=quick, progress=progress)
+    BENCH_DIR.mkdir(exist_ok=True)
+    path = BENCH_DIR / f"{name}{'-quick' if quick else ''}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    if not quick:
+        write_report()
+    return path

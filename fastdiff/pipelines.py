@@ -1,0 +1,156 @@
+"""A diffusers pipeline for fastdiff's class-conditional pixel-space teachers.
+
+``ClassConditionalPipeline`` holds a ``unet`` (``UNet2DModel`` with class embeddings) or a ``transformer``
+(``DiTTransformer2DModel``) and any diffusers scheduler, and samples with classifier-free guidance in one batched
+call. Labels ``0 .. num_classes - 1`` are classes and ``num_classes`` is the null (unconditional) label the model
+was trained with by label dropout.
+
+Saved folders load offline with the class itself or with ``DiffusionPipeline.from_pretrained(folder)``: the folder
+carries a two-line ``pipeline.py`` that imports this class (see :func:`save_teacher`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor, nn
+
+from fastdiff.denoisers import call_model
+from fastdiff.errors import InputError
+
+__all__ = ["ClassConditionalPipeline", "save_teacher", "load_pipeline"]
+
+_PIPELINE_PY = '"""Lets `DiffusionPipeline.from_pretrained` find fastdiff\'s pipeline class (needs `pip install fastdiff`)."""\n' \
+    "from fastdiff.pipelines import ClassConditionalPipeline  # noqa: F401\n"
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """Class-conditional sampling with classifier-free guidance from a pixel-space ``unet`` or ``transformer``."""
+
+    model_cpu_offload_seq = "unet->transformer"
+    _optional_components = ["unet", "transformer"]
+
+    def __init__(self, scheduler: Any, unet: nn.Module | None = None, transformer: nn.Module | None = None):
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            raise InputError("ClassConditionalPipeline needs exactly one of `unet` or `transformer`")
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes; the model's last label embedding is the null class."""
+        config = self.model.config
+        n = config.get("num_class_embeds") or config.get("num_embeds_ada_norm")
+        if not n:
+            raise InputError(f"{type(self.model).__name__} has no class embeddings (num_class_embeds / num_embeds_ada_norm)")
+        return int(n) - 1 if self.unet is not None else int(n)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        config = self.model.config
+        return (config.in_channels, config.sample_size, config.sample_size)
+
+    def _labels(self, class_labels: Any, batch_size: int | None) -> Tensor:
+        if class_labels is None:
+            return torch.full((batch_size or 1,), self.num_classes, dtype=torch.long)
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise InputError(f"class_labels must be in [0, {self.num_classes - 1}]; got {labels.tolist()}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Any = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample one image per label.
+
+        Args:
+            class_labels: ints in ``[0, num_classes)``; ``None`` samples ``batch_size`` unconditional images.
+            num_inference_steps: scheduler steps.
+            guidance_scale: classifier-free guidance ``w`` (``D_u + w (D_c - D_u)``); 1 disables the unconditional call.
+            generator: a generator, or one per image so that each image depends on its own seed only.
+            output_type: ``"pil"``, ``"np"`` (``[0, 1]``), ``"pt"`` (``[0, 1]``) or ``"latent"`` (raw ``[-1, 1]``-scale
+                samples, not clipped).
+        """
+        labels = self._labels(class_labels, batch_size).to(self.device)
+        n = labels.shape[0]
+        model = self.model
+        x = randn_tensor((n, *self.image_shape), generator=generator, device=self.device, dtype=model.dtype)
+        x = x * self.scheduler.init_noise_sigma
+        null = torch.full_like(labels, self.num_classes)
+        guided = guidance_scale != 1.0
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            y_in = torch.cat([null, labels]) if guided else labels
+            t_in = torch.as_tensor(t, device=self.device).expand(x_in.shape[0])
+            out = call_model(model, x_in, t_in, {"class_labels": y_in})
+            if guided:
+                out_u, out_c = out.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            x = self.scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+        images = _postprocess(x, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _postprocess(x: Tensor, output_type: str) -> Any:
+    if output_type == "latent":
+        return x
+    unit = (x / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return unit
+    array = unit.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    if output_type == "pil":
+        from PIL import Image
+
+        pixels = (array * 255).round().astype(np.uint8)
+        return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    raise InputError(f"unknown output_type {output_type!r}; expected 'pil', 'np', 'pt' or 'latent'")
+
+
+def save_teacher(pipe: ClassConditionalPipeline, folder: str | Path) -> Path:
+    """``save_pretrained`` (safetensors) plus the ``pipeline.py`` that makes ``DiffusionPipeline.from_pretrained`` work."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "pipeline.py").write_text(_PIPELINE_PY)
+    return folder
+
+
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> DiffusionPipeline:
+    """Load a fastdiff or diffusers pipeline folder offline, with a clear error when ``path`` is not one."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+
+    try:
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path / 'model_index.json'} is not valid JSON: {err}") from None
+    cls = ClassConditionalPipeline if class_name == "ClassConditionalPipeline" else DiffusionPipeline
+    try:
+        pipe = cls.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise InputError(f"cannot load the pipeline in {path}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,112 @@
+"""``fastdiff quickstart``: the main job on the embedded default -- FID against NFE for the shipped teacher.
+
+It samples the shipped Fashion-MNIST teacher (or the digits one) with diffusers' own schedulers at a few step counts,
+scores each run with the domain FID against the test split, and writes a table (stdout + JSON), a sample grid and an
+FID-vs-NFE plot. Everything it needs ships in ``assets/``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastdiff.errors import InputError
+
+__all__ = ["QuickstartConfig", "run_quickstart", "TEACHERS", "fid_of_samples"]
+
+TEACHERS = ("fashion-mnist", "digits")
+QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm")
+
+
+@dataclass
+class QuickstartConfig:
+    teacher: str = "fashion-mnist"
+    schedulers: tuple[str, ...] = QUICKSTART_SCHEDULERS
+    steps: tuple[int, ...] = (4, 8, 16)
+    reference_steps: int = 50  # the teacher's reference run (DDIM)
+    guidance_scale: float = 1.0
+    num_samples: int = 500
+    seed: int = 0
+    out: str = "outputs/quickstart"
+    extra_rows: list = field(default_factory=list)  # later issues add fastdiff samplers, caches, students here
+
+
+def teacher_path(name: str) -> Path:
+    from fastdiff.extractors import ASSETS
+
+    if name not in TEACHERS:
+        raise InputError(f"unknown teacher {name!r}; expected one of {', '.join(TEACHERS)}")
+    path = ASSETS / "teachers" / name
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"the shipped teacher {path} is missing; retrain it with `fastdiff train recipes/teacher_{name.replace('-', '_')}.yaml`")
+    return path
+
+
+def fid_of_samples(images, extractor, reference) -> float:
+    from fastdiff.metrics import FeatureSet, extract_features, fid
+
+    return fid(FeatureSet.from_features(extract_features(extractor, images)), reference)
+
+
+def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
+    """Run the table; returns the JSON record (also written to ``cfg.out/quickstart.json``)."""
+    from tqdm.auto import tqdm
+
+    from fastdiff.evaluation import load_source, source_features
+    from fastdiff.extractors import load_extractor
+    from fastdiff.images import save_grid
+    from fastdiff.pipelines import load_pipeline
+    from fastdiff.sampling import make_scheduler, sample_pipeline
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(teacher_path(cfg.teacher))
+    extractor = load_extractor(cfg.teacher)
+    reference = source_features(load_source(f"{cfg.teacher}:test", 1), extractor, progress=progress)
+    base_config = dict(pipe.scheduler.config)
+    runs = [(f"{name} (diffusers)", name, steps) for name in cfg.schedulers for steps in cfg.steps]
+    runs.append(("teacher: ddim (diffusers)", "ddim", cfg.reference_steps))
+    rows = []
+    for label, name, steps in tqdm(runs, desc="quickstart", disable=not progress):
+        pipe.scheduler = make_scheduler(name, base_config)
+        start = time.perf_counter()
+        samples = sample_pipeline(pipe, cfg.num_samples, steps, cfg.guidance_scale, cfg.seed)
+        seconds = time.perf_counter() - start
+        rows.append({
+            "sampler": label, "steps": steps, "nfe": samples.nfe, "fid": fid_of_samples(samples.images, extractor, reference),
+            "seconds": round(seconds, 2),
+        })  # fmt: skip
+        if label == "teacher: ddim (diffusers)":
+            save_grid(samples.images[:100], out / "grid.png", nrow=10, scale=3)
+    record = {
+        "teacher": cfg.teacher, "extractor": extractor.name, "reference": f"{cfg.teacher}:test ({reference.n} images)",
+        "num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "rows": rows,
+    }  # fmt: skip
+    (out / "quickstart.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", f"{cfg.teacher} teacher, guidance {cfg.guidance_scale:g}, {cfg.num_samples} samples")
+    return record
+
+
+def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str) -> Path:
+    """One line per sampler; reference runs (``teacher: ...``) as a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        pts = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler)
+        if sampler.startswith("teacher"):
+            ax.axhline(pts[0][1], ls="--", color="gray", label=f"{sampler} @ {pts[0][0]:g} NFE")
+        else:
+            ax.plot(*zip(*pts), marker="o", label=sampler)
+    ax.set(xlabel="NFE (model evaluations per image)", ylabel="domain FID (lower is better)", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,39 @@
+"""Typed YAML recipes: overrides, unknown keys and wrong types are named."""
+
+import pytest
+
+from fastdiff.config import load_config, to_dict
+from fastdiff.errors import InputError
+from fastdiff.teacher import TeacherRecipe
+
+
+def test_recipe_with_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  name: digits\ntrain:\n  steps: 10\n  lr: 1\nmodel:\n  block_out_channels: [8, 16]\n")
+    r = load_config(TeacherRecipe, path, ["train.lr=2e-4", "model.kind=dit", "data.root=null"])
+    assert r.train.steps == 10 and r.train.lr == 2e-4 and isinstance(r.train.lr, float)
+    assert r.model.kind == "dit" and r.model.block_out_channels == (8, 16)
+    assert to_dict(r)["model"]["block_out_channels"] == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train:\n  stpes: 10\n", [], r"unknown key 'train.stpes'; expected one of train.steps"),
+        ("train:\n  steps: ten\n", [], r"key 'train.steps' expects int; got str 'ten'"),
+        ("", ["model.kind=vae"], r"key 'model.kind' must be one of 'unet', 'dit'; got 'vae'"),
+        ("", ["train.lr"], r"must look like key.sub=value"),
+        ("model: 3\n", [], r"model must be a mapping"),
+        ("- a\n", [], r"mapping of keys at the top level"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, overrides, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_config(TeacherRecipe, path, overrides)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(InputError, match="recipe not found"):
+        load_config(TeacherRecipe, tmp_path / "nope.yaml")

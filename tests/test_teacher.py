@@ -1,0 +1,47 @@
+"""Teacher recipes: a few training steps of each shipped recipe's model family on a tiny model, and the v-target."""
+
+import json
+
+import pytest
+import torch
+
+from fastdiff.config import load_config
+from fastdiff.errors import InputError
+from fastdiff.pipelines import load_pipeline
+from fastdiff.teacher import TeacherRecipe, train_teacher
+
+TINY = {
+    "teacher_digits.yaml": ["model.block_out_channels=[8, 16]"],
+    "teacher_fashion_mnist.yaml": ["model.num_layers=1", "model.attention_head_dim=8", "model.num_attention_heads=2"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(TINY))
+def test_recipe_smoke(recipe, tmp_path):
+    overrides = [*TINY[recipe], "train.steps=3", "train.batch_size=8", f"output_dir={tmp_path / 'out'}"]
+    cfg = load_config(TeacherRecipe, f"recipes/{recipe}", overrides)
+    out = train_teacher(cfg, progress=False)
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 3 and record["final_loss_mean_last_200"] > 0
+    pipe = load_pipeline(out)
+    images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="latent").images
+    assert torch.isfinite(images).all()
+    with pytest.raises(InputError, match="already exists"):
+        train_teacher(cfg, progress=False)  # never overwrites a finished teacher
+
+
+def test_v_target_loss_is_zero_for_an_oracle_model():
+    """With the exact v-target as model output the loss vanishes: the target and the noising agree."""
+    from fastdiff.schedules import VPSchedule
+    from fastdiff.teacher import denoising_loss
+
+    schedule = VPSchedule.from_config({"beta_schedule": "linear"})
+    x0 = torch.randn(4, 1, 4, 4)
+
+    class Oracle(torch.nn.Module):  # knows x0; returns v = alpha eps - beta x0 from x_t = alpha x0 + beta eps
+        def forward(self, x, t, class_labels=None):
+            abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    assert denoising_loss(Oracle(), schedule, x0, torch.zeros(4, dtype=torch.long), "v_prediction") < 1e-8
