@@ -17,6 +17,13 @@ from fastdiff.data import DATASETS
 from fastdiff.errors import InputError
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    """``"0,7,9"`` -> ``[0, 7, 9]``, or an error naming the option."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{name} must be comma-separated integers, e.g. 0,7,9; got {text!r}") from None
+
 
 def _load_scheduler_config(path: str) -> dict:
     """A diffusers scheduler config from a JSON file, a scheduler folder or a pipeline folder."""
@@ -34,6 +41,8 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     """Print the timestep / sigma grid a diffusers scheduler config gives at N steps, in fastdiff's convention."""
     from fastdiff.schedules import FlowSchedule, schedule_from_config, shift_flow_time
 
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1; got {args.steps}")
     config = _load_scheduler_config(args.config)
     schedule = schedule_from_config(config)
     if isinstance(schedule, FlowSchedule):
@@ -171,7 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     labels = None
     if args.classes:
-        labels = torch.tensor([int(c) for c in args.classes.split(",")])
+        labels = torch.tensor(_int_list(args.classes, "--classes"))
         labels = labels.repeat((args.num_samples + len(labels) - 1) // len(labels))[: args.num_samples]
     samples = sample_pipeline(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, labels,
                               progress=not args.no_progress)  # fmt: skip
@@ -191,7 +200,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     cfg = QuickstartConfig(teacher=args.teacher, num_samples=args.num_samples, guidance_scale=args.guidance,
                            seed=args.seed, out=args.out)  # fmt: skip
     if args.steps:
-        cfg.steps = tuple(int(s) for s in args.steps.split(","))
+        cfg.steps = tuple(_int_list(args.steps, "--steps"))
     record = run_quickstart(cfg, progress=not args.no_progress)
     print(f"\n{cfg.teacher} teacher, domain FID vs {record['reference']}, {cfg.num_samples} samples, "
           f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}")

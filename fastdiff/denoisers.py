@@ -135,7 +135,8 @@ class DiffusersDenoiser(nn.Module):
     @classmethod
     def from_pipeline(cls, pipe: Any, **kwargs: Any) -> DiffusersDenoiser:
         """Adapter for a pipeline's ``unet`` or ``transformer`` with its scheduler's config."""
-        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        model = getattr(pipe, "unet", None)
+        model = getattr(pipe, "transformer", None) if model is None else model
         if model is None:
             raise InputError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` component")
         return cls.from_config(model, pipe.scheduler.config, **kwargs)

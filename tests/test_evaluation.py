@@ -82,6 +82,8 @@ def test_cli_bad_input_exit_2(tmp_path, capsys, monkeypatch):
     np.savez(tmp_path / "s.npz", mu=np.zeros(128))
     assert main(["fid", "digits:test", str(tmp_path / "s.npz"), "--extractor", "digits"]) == 2
     assert "neither statistics" in capsys.readouterr().err
+    assert main(["sample", "--pipeline", "assets/teachers/digits", "--classes", "a,b", "--out", str(tmp_path / "new")]) == 2
+    assert "--classes must be comma-separated integers" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "grid.png").write_bytes(b"precious")
     assert main(["sample", "--pipeline", "assets/teachers/digits", "--out", str(tmp_path / "out")]) == 2

@@ -1,0 +1,82 @@
+"""Reference ODE solvers in sigma space: Euler (= DDIM), Heun, DPM-Solver++(2M)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastdiff.samplers._common import Callback, denoise, to_d
+from fastdiff.samplers.grids import check_sigmas
+
+__all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "euler_rule", "dpmpp_2m_rule", "sample_multistep"]
+
+State = Any
+Rule = Callable[[Tensor, Tensor, Tensor, Tensor, State], tuple[Tensor, State]]
+
+
+def sample_multistep(rule: Rule, den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                     callback: Callback | None = None) -> Tensor:  # fmt: skip
+    """Drive a one-evaluation-per-step ``rule(x, denoised, sigma, sigma_next, state) -> (x_next, state)`` down the grid.
+    The state (solver history) lives only in this loop; the diffusers schedulers call the same rules."""
+    sigmas = check_sigmas(sigmas, method=getattr(rule, "__name__", "sampler")).to(x.device, x.dtype)
+    state = None
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(den, x, sigmas[i], cond, callback, i, sigmas[i + 1])
+        x, state = rule(x, denoised, sigmas[i], sigmas[i + 1], state)
+    return x
+
+
+def euler_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None) -> tuple[Tensor, State]:
+    """Euler on ``dx/dsigma`` -- exactly deterministic DDIM (Song et al. 2021, eq. 13) in sigma space."""
+    return x + (sigma_next - sigma) * to_d(x, denoised, sigma), None
+
+
+def sample_euler(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                 callback: Callback | None = None) -> Tensor:  # fmt: skip
+    """Euler / DDIM sampler; first order."""
+    return sample_multistep(euler_rule, den, x, sigmas, cond, callback)
+
+
+def sample_heun(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                callback: Callback | None = None) -> Tensor:  # fmt: skip
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn); Euler on a final step to 0."""
+    sigmas = check_sigmas(sigmas, method="heun").to(x.device, x.dtype)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = to_d(x, denoise(den, x, sigma, cond, callback, i, sigma_next), sigma)
+        x_euler = x + (sigma_next - sigma) * d
+        if sigma_next == 0:
+            x = x_euler
+            continue
+        d_next = to_d(x_euler, denoise(den, x_euler, sigma_next, cond, callback, i, sigma_next), sigma_next)
+        x = x + (sigma_next - sigma) * (d + d_next) / 2
+    return x
+
+
+def dpmpp_2m_direction(denoised: Tensor, h: Tensor, state: State) -> Tensor:
+    """DPM-Solver++(2M)'s data prediction ``D0 + (D0 - D_prev) / (2 r)``, ``r = h_prev / h`` (Lu et al. 2022b,
+    Algorithm 2); first order without history."""
+    if state is None:
+        return denoised
+    denoised_prev, h_prev = state[0], state[1]
+    r = h_prev / h
+    return (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
+
+
+def dpmpp_2m_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None) -> tuple[Tensor, State]:
+    """One DPM-Solver++(2M) step in ``lambda = -log sigma``: ``x' = (sigma'/sigma) x - expm1(-h) D_hat``; the step to
+    sigma = 0 returns the denoised estimate."""
+    if sigma_next == 0:
+        return denoised, None
+    h = torch.log(sigma / sigma_next)
+    x_next = (sigma_next / sigma) * x - torch.expm1(-h) * dpmpp_2m_direction(denoised, h, state)
+    return x_next, (denoised, h)
+
+
+def sample_dpmpp_2m(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                    callback: Callback | None = None) -> Tensor:  # fmt: skip
+    """DPM-Solver++(2M); second order."""
+    return sample_multistep(dpmpp_2m_rule, den, x, sigmas, cond, callback)
