@@ -151,3 +151,46 @@ def test_stochastic_multistep_eta_zero_is_ddim(problem):
     torch.testing.assert_close(S.sample_stochastic_multistep(gmm, x, sigmas, eta=0.0), S.sample_euler(gmm, x, sigmas))
     with pytest.raises(InputError, match=r"eta must be in \[0, 1\]"):
         S.sample_stochastic_multistep(gmm, x, sigmas, eta=2.0)
+
+
+# -- parity with diffusers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skip_prk", [True, False])
+def test_pndm_parity_with_diffusers(problem, skip_prk):
+    """diffusers' PNDMScheduler on the same denoiser. Its quirks, reproduced by the grid we hand our sampler: with
+    `skip_prk_steps=True` the second timestep is repeated (the pseudo improved Euler warm-up: N steps cost N + 1 model
+    calls); the step after timestep 0 goes to `final_alpha_cumprod` (1 here, so sigma = 0)."""
+    from diffusers import PNDMScheduler
+
+    from fastdiff.schedules import VPSchedule
+
+    gmm, _, _ = problem
+    ref = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=skip_prk,
+                        set_alpha_to_one=True)  # the last step then lands on sigma = 0 (False: a zero-length step)
+    n = 10
+    ref.set_timesteps(n)
+    sched = VPSchedule.from_config(ref.config)
+    delta = ref.config.num_train_timesteps // n
+
+    def eps_model(x_t, t):
+        sigma = sched.t_to_sigma(torch.tensor(float(t), dtype=torch.float64))
+        x = x_t / sched.scale(sigma)
+        return (x - gmm(x, sigma)) / sigma
+
+    base_t = torch.arange(n).flip(0) * delta  # the N distinct "leading" timesteps
+    x_native = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    calls, y = 0, x_native.clone()
+    for t in ref.timesteps:
+        y = ref.step(eps_model(y, t), t, y).prev_sample
+        calls += 1
+    sigmas = torch.cat([sched.t_to_sigma(base_t.double()), torch.zeros(1, dtype=torch.float64)])
+    x = x_native / sched.scale(sigmas[0])
+    if skip_prk:
+        ours = S.sample_plms(gmm, x, sigmas)
+        assert calls == n + 1
+    else:
+        mid = lambda s, s_next: sched.t_to_sigma(sched.sigma_to_t(s).round() - delta // 2)  # noqa: E731
+        ours = S.sample_fpndm(gmm, x, sigmas, sigma_mid=mid)
+        assert calls == n + 9
+    torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-5)  # at sigma = 0 native and sigma space coincide
