@@ -17,7 +17,7 @@ from fastdiff.errors import InputError
 __all__ = ["QuickstartConfig", "run_quickstart", "TEACHERS", "fid_of_samples"]
 
 TEACHERS = ("fashion-mnist", "digits")
-QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm")
+QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm", "ghvb")
 
 
 @dataclass
@@ -58,7 +58,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     from fastdiff.extractors import load_extractor
     from fastdiff.images import save_grid
     from fastdiff.pipelines import load_pipeline
-    from fastdiff.sampling import make_scheduler, sample_pipeline
+    from fastdiff.sampling import FASTDIFF_SCHEDULERS, make_scheduler, sample_pipeline
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     extractor = load_extractor(cfg.teacher)
     reference = source_features(load_source(f"{cfg.teacher}:test", 1), extractor, progress=progress)
     base_config = dict(pipe.scheduler.config)
-    runs = [(f"{name} (diffusers)", name, steps) for name in cfg.schedulers for steps in cfg.steps]
+    source = {name: "fastdiff" if name in FASTDIFF_SCHEDULERS else "diffusers" for name in cfg.schedulers}
+    runs = [(f"{name} ({source[name]})", name, steps) for name in cfg.schedulers for steps in cfg.steps]
     runs.append(("teacher: ddim (diffusers)", "ddim", cfg.reference_steps))
     rows = []
     for label, name, steps in tqdm(runs, desc="quickstart", disable=not progress):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastdiff.errors import InputError, check_choice
 
-__all__ = ["SCHEDULERS", "make_scheduler", "sample_pipeline", "Samples", "image_seed"]
+__all__ = ["SCHEDULERS", "FASTDIFF_SCHEDULERS", "make_scheduler", "sample_pipeline", "Samples", "image_seed"]
 
 
 def _diffusers(name: str, **overrides: Any) -> Callable[[dict], Any]:
@@ -25,6 +25,15 @@ def _diffusers(name: str, **overrides: Any) -> Callable[[dict], Any]:
         import diffusers
 
         return getattr(diffusers, name).from_config(config, **overrides)
+
+    return build
+
+
+def _fastdiff(name: str, **overrides: Any) -> Callable[[dict], Any]:
+    def build(config: dict) -> Any:
+        from fastdiff.samplers import diffusers as schedulers
+
+        return getattr(schedulers, name).from_config(config, **overrides)
 
     return build
 
@@ -38,7 +47,12 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "dpmpp-2m": _diffusers("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2),
     "unipc": _diffusers("UniPCMultistepScheduler"),
     "pndm": _diffusers("PNDMScheduler", skip_prk_steps=True),  # PLMS as in Stable Diffusion: N steps cost N + 1 calls
+    # fastdiff's own (fastdiff.samplers.diffusers)
+    "ghvb": _fastdiff("GHVBScheduler"),
+    "hb-plms": _fastdiff("HeavyBallPLMSScheduler"),
+    "hb-dpmpp-2m": _fastdiff("HeavyBallDPMSolverScheduler"),
 }
+FASTDIFF_SCHEDULERS = ("ghvb", "hb-plms", "hb-dpmpp-2m")
 
 
 def make_scheduler(name: str, config: dict) -> Any:

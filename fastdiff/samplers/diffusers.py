@@ -1,0 +1,259 @@
+"""fastdiff's multistep rules as drop-in diffusers schedulers.
+
+``pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config)`` swaps a momentum solver into any pipeline that
+drives a scheduler (discrete VP models with epsilon / v / sample prediction, and flow-matching models). The scheduler
+holds no step rule of its own: each ``step`` converts the model output to the x0 estimate at the current sigma
+(:mod:`fastdiff.param`), moves to sigma space, and calls the same rule the functional sampler uses
+(:mod:`fastdiff.samplers.momentum`, :mod:`fastdiff.samplers.ode`), keyed on ``step_index`` -- never on a call
+counter.
+
+Flow-matching grids start at ``t = 1`` (pure noise, sigma = inf); the scheduler evaluates that first point at
+``t = FLOW_T_MAX`` (``1 - 1e-4``), which changes the input's interpretation by 1e-4 of the signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from torch import Tensor
+
+from fastdiff.errors import InputError, check_choice
+from fastdiff.param import canonical_prediction_type, x0_from_output
+from fastdiff.samplers.grids import karras_sigmas
+from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
+from fastdiff.samplers.ode import dpmpp_2m_rule
+from fastdiff.schedules import (
+    FlowSchedule,
+    VPSchedule,
+    flow_time_to_sigma,
+    shift_flow_time,
+    time_shift,
+    vp_timesteps,
+)
+
+__all__ = ["MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler", "FLOW_T_MAX"]
+
+FLOW_T_MAX = 1 - 1e-4
+SOLVERS = {"ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule}
+_FLOW_COMPATIBLES = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+
+
+@dataclass
+class FastdiffSchedulerOutput(BaseOutput):
+    """``prev_sample`` and the x0 estimate (tuple order: prev, pred_original), as PixArt's 1-step path expects."""
+
+    prev_sample: Tensor
+    pred_original_sample: Tensor
+
+
+class MomentumScheduler(SchedulerMixin, ConfigMixin):
+    """Momentum multistep solvers (Wizadwongsa et al., ICLR 2024) as a diffusers scheduler.
+
+    Args:
+        solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``hb-dpmpp-2m`` (heavy ball on
+            DPM-Solver++(2M)) or ``dpmpp-2m``; default per class.
+        solver_order: multistep order 1-4 (GHVB, HB-PLMS).
+        momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
+        use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``.
+        use_flow_sigmas: treat the model as flow matching even if the config has betas.
+        The remaining arguments are diffusers' usual VP and flow-matching config fields.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + _FLOW_COMPATIBLES
+    order = 1
+    _default_solver = "ghvb"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        solver: str | None = None,
+        solver_order: int = 4,
+        momentum: float = 0.8,
+        use_karras_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+    ):
+        solver = solver or self._default_solver
+        check_choice("solver", solver, SOLVERS)
+        self.register_to_config(solver=solver)  # record the resolved solver, so any class reloads the same one
+        _check(solver_order if solver in ("ghvb", "hb-plms") else 1, momentum)
+        self.prediction_type = canonical_prediction_type("flow" if use_flow_sigmas and prediction_type == "epsilon" else prediction_type)
+        self.flow = use_flow_sigmas or self.prediction_type == "flow"
+        self.schedule = FlowSchedule(num_train_timesteps) if self.flow else VPSchedule.from_config(self.config)
+        params = {"beta": momentum} if solver != "dpmpp-2m" else {}
+        if solver in ("ghvb", "hb-plms"):
+            params["order"] = solver_order
+        self.rule = partial(SOLVERS[solver], **params)
+        self.sigmas = torch.zeros(0)
+        self.timesteps = torch.zeros(0)
+        self.num_inference_steps = None
+        self._reset()
+
+    @classmethod
+    def from_config(cls, config: Any = None, **kwargs: Any) -> MomentumScheduler:
+        """As diffusers' ``from_config``; a flow-matching scheduler's config (FlowMatch*) turns on ``use_flow_sigmas``."""
+        from fastdiff.schedules import is_flow_config
+
+        mapping = dict(getattr(config, "config", config) or {})
+        if is_flow_config(mapping) and "use_flow_sigmas" not in kwargs:
+            kwargs["use_flow_sigmas"] = True
+        return super().from_config(config, **kwargs)
+
+    # -- the grid ----------------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._state, self._step_index, self._begin_index = None, None, None
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Build the grid from ``num_inference_steps``, explicit ``timesteps`` or ``sigmas`` (flow models: flow times,
+        as FlowMatchEuler takes them), with Flux's ``mu`` when ``use_dynamic_shifting``; resets all solver history."""
+        if sum(v is not None for v in (num_inference_steps, timesteps, sigmas)) == 0:
+            raise InputError("set_timesteps needs num_inference_steps, timesteps or sigmas")
+        if timesteps is not None and sigmas is not None:
+            raise InputError("pass either timesteps or sigmas, not both")
+        grid = self._flow_grid(num_inference_steps, timesteps, sigmas, mu) if self.flow else self._vp_grid(num_inference_steps, timesteps, sigmas)
+        self.sigmas = torch.cat([grid, grid.new_zeros(1)]).to(device=device, dtype=torch.float64)
+        self.timesteps = self.schedule.sigma_to_t(self.sigmas[:-1]).to(device=device, dtype=torch.float32)
+        if not self.flow and sigmas is None and not self.config.use_karras_sigmas:
+            self.timesteps = self.timesteps.round().long()  # integer grids stay integer, as the pipelines expect
+        self.num_inference_steps = len(grid)
+        self._reset()
+
+    def _vp_grid(self, n: int | None, timesteps: list[int] | None, sigmas: list[float] | None) -> Tensor:
+        if sigmas is not None:
+            return torch.as_tensor(sigmas, dtype=torch.float64)[: len(sigmas) - (sigmas[-1] == 0)]
+        if timesteps is not None:
+            return self.schedule.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64))
+        if self.config.use_karras_sigmas:
+            return karras_sigmas(n, self.schedule.sigma_min, self.schedule.sigma_max)[:-1]
+        t = vp_timesteps(self.config.num_train_timesteps, n, self.config.timestep_spacing, self.config.steps_offset)
+        return self.schedule.t_to_sigma(t.double())
+
+    def _flow_grid(self, n: int | None, timesteps: list[float] | None, sigmas: list[float] | None, mu: float | None) -> Tensor:
+        if timesteps is not None:
+            t = torch.as_tensor(timesteps, dtype=torch.float64) / self.config.num_train_timesteps
+        else:
+            t = torch.as_tensor(sigmas, dtype=torch.float64) if sigmas is not None else torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
+            if self.config.use_dynamic_shifting:
+                if mu is None:
+                    raise InputError("use_dynamic_shifting needs mu in set_timesteps (the pipeline computes it)")
+                t = time_shift(t, mu)
+            else:
+                t = shift_flow_time(t, self.config.shift)
+        t = t[t > 0].clamp(max=FLOW_T_MAX)
+        return flow_time_to_sigma(t)
+
+    # -- the diffusers contract ----------------------------------------------------------------------------------------
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Std of ``x_t`` at the first grid point: ``s(sigma_0) sigma_0`` (about 1)."""
+        if len(self.sigmas) == 0:
+            return 1.0
+        sigma = self.sigmas[0]
+        return float(self.schedule.scale(sigma) * sigma)
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """Models take ``x_t`` as it is."""
+        return sample
+
+    def index_for_timestep(self, timestep: Any) -> int:
+        """Position of ``timestep`` in the grid; the second match if it appears twice (diffusers' img2img rule)."""
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.timesteps.device)
+        matches = (self.timesteps.float() - t).abs().le(1e-3 * max(1.0, t.abs().item())).nonzero().flatten()
+        if len(matches) == 0:
+            raise InputError(f"timestep {float(t)} is not on this scheduler's grid; call set_timesteps first")
+        return int(matches[1 if len(matches) > 1 else 0])
+
+    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Any = None,
+             return_dict: bool = True) -> FastdiffSchedulerOutput | tuple:  # fmt: skip
+        """One solver step from ``timestep`` to the next grid point."""
+        if self.num_inference_steps is None:
+            raise InputError("call set_timesteps before step")
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        i = self._step_index
+        sigma, sigma_next = self.sigmas[i].to(sample.device), self.sigmas[i + 1].to(sample.device)
+        dtype = sample.dtype
+        x_t, out = sample.to(torch.float64), model_output.to(torch.float64)
+        alpha = self.schedule.scale(sigma)
+        denoised = x0_from_output(out, x_t, alpha, alpha * sigma, self.prediction_type)
+        x_next, self._state = self.rule(x_t / alpha, denoised, sigma, sigma_next, self._state)
+        prev = (x_next * self.schedule.scale(sigma_next)).to(dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev, denoised.to(dtype)
+        return FastdiffSchedulerOutput(prev_sample=prev, pred_original_sample=denoised.to(dtype))
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """Forward noising at discrete timesteps (img2img): ``s(sigma_t) (x0 + sigma_t noise)``."""
+        sigma = self.schedule.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)).to(original_samples.device)
+        sigma = sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return (self.schedule.scale(sigma) * (original_samples.double() + sigma * noise.double())).to(original_samples.dtype)
+
+    def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
+        """Flow-matching forward noising (Flux/SD3 img2img): ``(1 - t) sample + t noise``."""
+        t = torch.as_tensor(timestep, dtype=torch.float64, device=sample.device).reshape(-1) / self.config.num_train_timesteps
+        t = t.reshape(-1, *([1] * (sample.ndim - 1)))
+        return ((1 - t) * sample.double() + t * noise.double()).to(sample.dtype)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+class GHVBScheduler(MomentumScheduler):
+    """Generalized heavy ball (order ``solver_order``, damping ``momentum``)."""
+
+    _default_solver = "ghvb"
+
+
+class HeavyBallPLMSScheduler(MomentumScheduler):
+    """Heavy-ball momentum on PLMS."""
+
+    _default_solver = "hb-plms"
+
+
+class HeavyBallDPMSolverScheduler(MomentumScheduler):
+    """Heavy-ball momentum on DPM-Solver++(2M)."""
+
+    _default_solver = "hb-dpmpp-2m"
+

@@ -1,0 +1,111 @@
+"""fastdiff's momentum solvers as diffusers schedulers: same samples as the functional samplers, the pipeline contract,
+save/load, flow matching."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
+
+from fastdiff import samplers as S
+from fastdiff.errors import InputError
+from fastdiff.oracle import GaussianMixture
+from fastdiff.samplers.diffusers import GHVBScheduler, HeavyBallDPMSolverScheduler, HeavyBallPLMSScheduler, MomentumScheduler
+from fastdiff.schedules import flow_time_to_sigma
+
+PAIRS = [(GHVBScheduler, S.sample_ghvb), (HeavyBallPLMSScheduler, S.sample_hb_plms), (HeavyBallDPMSolverScheduler, S.sample_hb_dpmpp_2m)]
+GMM = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=torch.float64), 0.4)
+
+
+def _vp_config(**kw):
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **kw).config
+
+
+def _run(scheduler, x_t, prediction="epsilon"):
+    """A pipeline's loop with the oracle as the model (epsilon, v or flow output)."""
+    sched = scheduler.schedule
+    for t in scheduler.timesteps:
+        sigma = sched.t_to_sigma(torch.as_tensor(t, dtype=torch.float64))
+        a = sched.scale(sigma)
+        x0 = GMM(x_t / a, sigma)
+        eps = (x_t / a - x0) / sigma
+        out = {"epsilon": eps, "v_prediction": a * eps - a * sigma * x0, "flow": eps - x0}[prediction]
+        x_t = scheduler.step(out, t, x_t).prev_sample
+    return x_t
+
+
+@pytest.mark.parametrize("cls, fn", PAIRS)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_scheduler_equals_functional_sampler(cls, fn, prediction):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # swapping configs must not warn
+        scheduler = cls.from_config(_vp_config(timestep_spacing="trailing", prediction_type=prediction))
+    scheduler.set_timesteps(10)
+    x_t = torch.randn(8, 2, dtype=torch.float64) * scheduler.init_noise_sigma
+    ours = fn(GMM, x_t / scheduler.schedule.scale(scheduler.sigmas[0]), scheduler.sigmas)
+    torch.testing.assert_close(_run(scheduler, x_t, prediction), ours, atol=1e-10, rtol=0)
+
+
+def test_flow_matching_grid_and_samples():
+    scheduler = GHVBScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert scheduler.flow and scheduler.prediction_type == "flow"
+    scheduler.set_timesteps(8)
+    assert scheduler.timesteps[0] == pytest.approx(999.9) and len(scheduler.timesteps) == 8
+    x_t = torch.randn(8, 2, dtype=torch.float64)
+    ours = S.sample_ghvb(GMM, x_t / scheduler.schedule.scale(scheduler.sigmas[0]), scheduler.sigmas)
+    # the model is conditioned on float32 timesteps (t * 1000), hence 1e-6 rather than 1e-10
+    torch.testing.assert_close(_run(scheduler, x_t, "flow"), ours, atol=1e-6, rtol=0)
+    dynamic = GHVBScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
+    with pytest.raises(InputError, match="needs mu"):
+        dynamic.set_timesteps(4)
+    dynamic.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.8)  # what FluxPipeline passes
+    dynamic.set_begin_index(0)
+    assert len(dynamic.timesteps) == 4 and dynamic.begin_index == 0
+
+
+def test_contract_and_round_trip(tmp_path):
+    scheduler = HeavyBallPLMSScheduler.from_config(_vp_config(), momentum=0.9, solver_order=3)
+    scheduler.save_pretrained(tmp_path)
+    again = HeavyBallPLMSScheduler.from_pretrained(tmp_path)
+    assert again.config.momentum == 0.9 and again.config.solver_order == 3 and again.config.solver == "hb-plms"
+    assert MomentumScheduler.from_config(again.config).config.solver == "hb-plms"
+    for s in (scheduler, again):
+        s.set_timesteps(6)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    torch.testing.assert_close(_run(scheduler, x), _run(again, x))
+    scheduler.set_timesteps(timesteps=[999, 500, 100])
+    assert scheduler.timesteps.tolist() == [999, 500, 100] and scheduler.step_index is None
+    noisy = scheduler.add_noise(torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([999, 0]))
+    assert noisy[0, 0] > 0.99 and noisy[1, 0] < 0.1
+    out = scheduler.step(torch.zeros(2, 2), 500, torch.ones(2, 2), return_dict=False)
+    assert len(out) == 2 and scheduler.step_index == 2  # found by timestep; (prev, pred_original)
+
+
+def test_ddpm_pipeline_and_teacher_pipeline():
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config)
+    images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+    from fastdiff.extractors import ASSETS
+    from fastdiff.pipelines import load_pipeline
+
+    teacher = load_pipeline(ASSETS / "teachers" / "digits")
+    for cls in (GHVBScheduler, HeavyBallPLMSScheduler, HeavyBallDPMSolverScheduler):
+        teacher.scheduler = cls.from_config(teacher.scheduler.config)
+        out = teacher(class_labels=[1, 2], num_inference_steps=6, guidance_scale=3.0, output_type="latent").images
+        assert torch.isfinite(out).all() and out.abs().max() < 3
+
+
+def test_bad_input():
+    with pytest.raises(InputError, match=r"beta must be in \(0, 1\]"):
+        GHVBScheduler(momentum=0.0)
+    with pytest.raises(InputError, match="unknown solver 'rk4'"):
+        MomentumScheduler(solver="rk4")
+    with pytest.raises(InputError, match="unknown prediction_type"):
+        GHVBScheduler(prediction_type="score")
+    scheduler = GHVBScheduler()
+    with pytest.raises(InputError, match="call set_timesteps"):
+        scheduler.step(torch.zeros(1), 10, torch.zeros(1))
