@@ -34,10 +34,11 @@ class ClassifierConfig:
     num_classes: int = 10
     width: int = 32  # channels of the first conv; doubled twice
     feature_dim: int = 128
+    pool: int = 2  # spatial grid kept before the features (global average pooling loses too much shape)
 
 
 class DomainClassifier(nn.Module):
-    """conv(w) - pool - conv(2w) - pool - conv(4w) - global average - fc(feature_dim) [features] - fc(num_classes)."""
+    """conv(w) - pool - conv(2w) - pool - conv(4w) - average to pool x pool - fc(feature_dim) [features] - fc(classes)."""
 
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
@@ -46,8 +47,8 @@ class DomainClassifier(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(cfg.channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * w, cfg.feature_dim), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(cfg.pool), nn.Flatten(),
+            nn.Linear(4 * w * cfg.pool**2, cfg.feature_dim), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(cfg.feature_dim, cfg.num_classes))
 

@@ -20,7 +20,7 @@ from fastdiff.extractors import ASSETS, ClassifierConfig, DomainClassifier
 
 PLANS = {  # data set -> (loader, image size, epochs)
     "digits": (load_digits, 8, 60),
-    "fashion-mnist": (load_fashion_mnist, 28, 6),
+    "fashion-mnist": (load_fashion_mnist, 28, 8),
 }
 
 
