@@ -73,6 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    init_from: str | None = None  # a teacher folder to continue training from (same model config)
 
 
 @dataclass
@@ -159,6 +160,7 @@ def train_teacher(recipe: TeacherRecipe, progress: bool = True) -> Path:
     data = load_dataset(d.name, "train", d.root, d.size, d.channels, labels=True)
     channels, size = _check_data(data)
     model = build_model(recipe.model, channels, size, data.num_classes)
+    previous = _load_weights(model, cfg.init_from) if cfg.init_from else None
     # diffusers' DiT drops labels independently inside every block in train mode; we keep the model in eval mode
     # (it has no dropout or batch norm) and drop labels once per sample below.
     model.eval()
@@ -201,10 +203,11 @@ def train_teacher(recipe: TeacherRecipe, progress: bool = True) -> Path:
         record = {
             "recipe": to_dict(recipe),
             "command": " ".join(sys.argv),
-            "steps": step,
+            "steps": step + (previous["steps"] if previous else 0),
+            "continued_from": previous,
             "cpu_or_device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
-            "wall_minutes": round(minutes, 2),
+            "wall_minutes": round(minutes + (previous["wall_minutes"] if previous else 0), 2),
             "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
             "parameters": sum(p.numel() for p in ema.parameters()),
             "torch": torch.__version__,
@@ -213,6 +216,22 @@ def train_teacher(recipe: TeacherRecipe, progress: bool = True) -> Path:
         tmp.rename(out_dir)  # atomic: a folder is either complete or absent
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def _load_weights(model: nn.Module, folder: str) -> dict:
+    """Load a saved teacher's weights into ``model``; returns that teacher's training record (steps, minutes)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    files = list(path.glob("*/diffusion_pytorch_model.safetensors"))
+    if not (path / "model_index.json").is_file() or len(files) != 1:
+        raise InputError(f"train.init_from={folder} is not a fastdiff teacher folder (model_index.json + one model)")
+    try:
+        model.load_state_dict(load_file(files[0]))
+    except RuntimeError as err:  # missing / unexpected keys or shape mismatches
+        raise InputError(f"train.init_from={folder} does not match the recipe's model: {str(err)[:300]}") from None
+    record = json.loads((path / "training.json").read_text()) if (path / "training.json").is_file() else {}
+    return {"folder": str(path), "steps": record.get("steps", 0), "wall_minutes": record.get("wall_minutes", 0.0)}
 
 
 @torch.no_grad()

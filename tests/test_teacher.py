@@ -45,3 +45,18 @@ def test_v_target_loss_is_zero_for_an_oracle_model():
             return abar.sqrt() * eps - (1 - abar).sqrt() * x0
 
     assert denoising_loss(Oracle(), schedule, x0, torch.zeros(4, dtype=torch.long), "v_prediction") < 1e-8
+
+
+def test_continue_from_a_teacher(tmp_path):
+    tiny = [*TINY["teacher_digits.yaml"], "train.batch_size=8"]
+    first = train_teacher(load_config(TeacherRecipe, "recipes/teacher_digits.yaml",
+                                      [*tiny, "train.steps=2", f"output_dir={tmp_path / 'a'}"]), progress=False)  # fmt: skip
+    cfg = load_config(TeacherRecipe, "recipes/teacher_digits.yaml",
+                      [*tiny, "train.steps=1", f"train.init_from={first}", f"output_dir={tmp_path / 'b'}"])  # fmt: skip
+    record = json.loads((train_teacher(cfg, progress=False) / "training.json").read_text())
+    assert record["steps"] == 3 and record["continued_from"]["folder"] == str(first)
+    other = load_config(TeacherRecipe, "recipes/teacher_digits.yaml",
+                        ["model.block_out_channels=[16, 32]", "train.steps=1", f"train.init_from={first}", f"output_dir={tmp_path / 'c'}"])  # fmt: skip
+    with pytest.raises(InputError, match="does not match the recipe's model"):
+        train_teacher(other, progress=False)
+    assert not (tmp_path / "c").exists()
