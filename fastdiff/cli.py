@@ -117,7 +117,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     record: dict = {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256, "resize": extractor.resize}
     ref = load_source(args.sources[-1], channels, args.size)
     if args.pipeline:
-        samples, record["generated"] = _sample_for_fid(args)
+        samples, record["generated"] = _sample_for_fid(args, extractor)
         gen = FeatureSet.from_features(_features(extractor, samples.images, args))
     else:
         src = load_source(args.sources[0], channels, args.size)
@@ -143,16 +143,16 @@ def cmd_fid(args: argparse.Namespace) -> None:
 def _features(extractor, images, args):
     from fastdiff.metrics import extract_features
 
-    if extractor.image_shape is not None and tuple(images.shape[1:]) != extractor.image_shape:
-        raise InputError(f"the pipeline makes images {tuple(images.shape[1:])}; the {extractor.name} extractor takes {extractor.image_shape}")
     return extract_features(extractor, images, progress=not args.no_progress, desc="generated")
 
 
-def _sample_for_fid(args: argparse.Namespace):
+def _sample_for_fid(args: argparse.Namespace, extractor):
     from fastdiff.pipelines import load_pipeline
     from fastdiff.sampling import make_scheduler, sample_pipeline
 
     pipe = load_pipeline(args.pipeline)
+    if extractor.image_shape is not None and tuple(pipe.image_shape) != extractor.image_shape:
+        raise InputError(f"the pipeline makes images {tuple(pipe.image_shape)}; the {extractor.name} extractor takes {extractor.image_shape}")
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     samples = sample_pipeline(
