@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md")
-    p.add_argument("name", choices=("teachers", "report"), help="`report` only regenerates BENCHMARKS.md")
+    p.add_argument("name", choices=("teachers", "samplers-oracle", "report"), help="`report` only regenerates BENCHMARKS.md")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -28,3 +28,12 @@ def test_report_regenerates_benchmarks_and_readme(tmp_path):
     assert "Regenerate: `fastdiff bench teachers`" in report and "do not edit by hand" in report
     text = readme.read_text()
     assert "stale" not in text and "### Teachers and the evaluator" in text and text.endswith(f"{README_END}\noutro\n")
+
+
+def test_samplers_oracle_quick_orders():
+    from fastdiff.bench import bench_samplers_oracle
+
+    rows = {r["sampler"]: r for r in bench_samplers_oracle(quick=True, progress=False)["rows"]}
+    assert 0.85 < rows["euler"]["fitted_order"] < 1.15 and 1.8 < rows["heun"]["fitted_order"] < 2.4
+    assert rows["heun"]["nfe"] == [10, 20, 40] and rows["plms"]["nfe"] == [6, 11, 21]
+    assert all(r["error"][-1] < r["error"][0] for r in rows.values())
