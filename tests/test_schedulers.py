@@ -109,3 +109,55 @@ def test_bad_input():
     scheduler = GHVBScheduler()
     with pytest.raises(InputError, match="call set_timesteps"):
         scheduler.step(torch.zeros(1), 10, torch.zeros(1))
+
+
+def _tiny_tokenizer(folder):
+    """A CLIP tokenizer from files written here (unknown text maps to the end token); no downloads."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "p": 3, "h": 4, "o": 5, "t": 6, "o</w>": 7}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [GHVBScheduler, HeavyBallPLMSScheduler, HeavyBallDPMSolverScheduler])
+def test_stable_diffusion_and_dit_pipelines(cls, tmp_path):
+    from conftest import tiny_cond_unet
+    from diffusers import DiTPipeline, DiTTransformer2DModel, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
+    sd = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text, tokenizer=_tiny_tokenizer(tmp_path / "tok"), unet=tiny_cond_unet(),
+                                 scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    dit = DiTPipeline(transformer=DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000),
+                      vae=_tiny_vae(), scheduler=DDIMScheduler())  # fmt: skip
+    for pipe in (sd, dit):
+        pipe.set_progress_bar_config(disable=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    images = sd("a photo", num_inference_steps=4, height=8, width=8, guidance_scale=3.0, output_type="np", generator=generator).images
+    assert images.shape == (1, 8, 8, 3) and np_isfinite(images)
+    images = dit(class_labels=[1, 2], num_inference_steps=4, guidance_scale=2.0, output_type="np", generator=generator).images
+    assert images.shape == (2, 8, 8, 3) and np_isfinite(images)
+
+
+def np_isfinite(array) -> bool:
+    import numpy as np
+
+    return bool(np.isfinite(array).all())
