@@ -72,7 +72,7 @@ class TrainConfig:
     p_uncond: float = 0.1  # label dropout for classifier-free guidance
     grad_clip: float = 1.0
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: what `accelerate launch` was told
     init_from: str | None = None  # a teacher folder to continue training from (same model config)
 
 
