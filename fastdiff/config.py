@@ -113,9 +113,18 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     return value
 
 
+def _describe(tp: Any) -> str:
+    """``int``, ``'no', 'fp16' or 'bf16'``, ``str or null``, ... for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
 def _type_error(where: str, key: str, tp: Any, value: Any) -> InputError:
-    name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-    return InputError(f"{where}: key {key!r} expects {name}; got {type(value).__name__} {value!r}")
+    return InputError(f"{where}: key {key!r} expects {_describe(tp)}; got {type(value).__name__} {value!r}")
 
 
 def _deep_copy(data: Any) -> Any:
