@@ -161,3 +161,30 @@ def np_isfinite(array) -> bool:
     import numpy as np
 
     return bool(np.isfinite(array).all())
+
+
+def test_sd3_flow_matching_pipeline(tmp_path):
+    """A flow-matching pipeline (SD3 layout, T5 left out as SD3 allows) with the scheduler swapped in from FlowMatchEuler."""
+    from conftest import tiny_sd3
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, projection_dim=4, bos_token_id=0, eos_token_id=1,
+                                                          pad_token_id=1))  # fmt: skip
+
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+                        shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
+    pipe = StableDiffusion3Pipeline(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=clip(), tokenizer=_tiny_tokenizer(tmp_path / "tok"), text_encoder_2=clip(),
+                                    tokenizer_2=_tiny_tokenizer(tmp_path / "tok"), text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.flow
+    images = pipe("a photo", num_inference_steps=4, height=8, width=8, output_type="np", max_sequence_length=16,
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, 8, 8, 3) and np_isfinite(images)
