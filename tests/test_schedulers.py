@@ -188,3 +188,31 @@ def test_sd3_flow_matching_pipeline(tmp_path):
     images = pipe("a photo", num_inference_steps=4, height=8, width=8, output_type="np", max_sequence_length=16,
                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert images.shape == (1, 8, 8, 3) and np_isfinite(images)
+
+
+def test_flux_pipeline_with_dynamic_shift(tmp_path):
+    """FluxPipeline passes sigmas, mu and set_begin_index(0); the T5 tokenizer is a word-level one built here."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "photo": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    t5_tokenizer = T5TokenizerFast(tokenizer_object=words, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(vocab_size=5, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
+                        shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 4, 8))  # fmt: skip
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae, text_encoder=clip,
+                        tokenizer=_tiny_tokenizer(tmp_path / "tok"), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config)
+    images = pipe("a photo", num_inference_steps=4, height=8, width=8, output_type="np", max_sequence_length=8,
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, 8, 8, 3) and np_isfinite(images)
