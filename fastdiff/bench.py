@@ -49,9 +49,9 @@ def bench_teachers(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), prog
     count, the FID of a set against itself, the spread over seeds, and the Inception path end to end."""
     from fastdiff.evaluation import load_source, source_features
     from fastdiff.extractors import ASSETS, load_extractor
-    from fastdiff.metrics import FeatureSet, extract_features, fid
+    from fastdiff.metrics import fid
     from fastdiff.pipelines import load_pipeline
-    from fastdiff.quickstart import teacher_path
+    from fastdiff.quickstart import fid_of_samples, teacher_path
     from fastdiff.sampling import make_scheduler, sample_pipeline
 
     result = {"machine": machine(), "quick": quick, "teachers": {}}
@@ -66,11 +66,11 @@ def bench_teachers(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), prog
         start = time.perf_counter()
         for seed in seeds:
             samples = sample_pipeline(pipe, n, 50, 1.0, seed, progress=progress)
-            teacher.append(fid(FeatureSet.from_features(extract_features(extractor, samples.images)), test))
+            teacher.append(fid_of_samples(samples.images, extractor, test))
         seconds = (time.perf_counter() - start) / len(seeds)
         for seed in seeds:
             pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
-            floor.append(fid(FeatureSet.from_features(extract_features(extractor, train_images[pick])), test))
+            floor.append(fid_of_samples(train_images[pick], extractor, test))
         training = json.loads((teacher_path(name) / "training.json").read_text())
         extractor_record = json.loads((ASSETS / "extractors" / name / "config.json").read_text())
         result["teachers"][name] = {
@@ -87,20 +87,17 @@ def bench_teachers(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), prog
 
 def _inception_path() -> dict:
     """FID through the standard Inception extractor with a weights file made locally (random init)."""
-    from fastdiff.evaluation import load_source, source_features
+    from fastdiff.evaluation import load_source
     from fastdiff.extractors import load_extractor
-    from fastdiff.metrics import fid
+    from fastdiff.metrics import FeatureSet, extract_features, fid
     from fastdiff.testing import write_random_inception_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = write_random_inception_weights(Path(tmp) / "inception.pth")
         extractor = load_extractor("inception", weights)
         start = time.perf_counter()
-        a = load_source("digits:test", 3)
-        a.images = a.images[:32]
-        b = load_source("digits:train", 3)
-        b.images = b.images[:32]
-        fa, fb = (source_features(s, extractor, use_cache=False) for s in (a, b))
+        fa, fb = (FeatureSet.from_features(extract_features(extractor, load_source(f"digits:{split}", 3).images[:32]))
+                  for split in ("train", "test"))  # fmt: skip
         value = fid(fa, fb)
         return {"fid_digits_train32_vs_test32": value, "self_fid": fid(fa, fa), "feature_dim": fa.dim,
                 "resize": extractor.resize, "seconds": round(time.perf_counter() - start, 1),
@@ -116,6 +113,7 @@ def bench_samplers_oracle(quick: bool = False, progress: bool = True) -> dict:
 
     from fastdiff.oracle import GaussianMixture
     from fastdiff.samplers import SAMPLERS, karras_sigmas
+    from fastdiff.testing import CountingDenoiser
 
     means = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.2], [0.8, 1.0]], dtype=torch.float64)
     gmm = GaussianMixture(means, torch.tensor([0.3, 0.4, 0.25, 0.35]), labels=torch.tensor([0, 1, 0, 1]))
@@ -130,7 +128,7 @@ def bench_samplers_oracle(quick: bool = False, progress: bool = True) -> dict:
     for name, fn in tqdm(SAMPLERS.items(), desc="oracle", disable=not progress):
         errors, nfes = [], []
         for n in steps:
-            counter = _Counting(gmm)
+            counter = CountingDenoiser(gmm)
             out = fn(counter, x.clone(), karras_sigmas(n + 1, sigma_min, sigma_max)[:-1])  # n steps
             errors.append((out - ref).norm(dim=1).mean().item())
             nfes.append(counter.calls)
@@ -140,15 +138,6 @@ def bench_samplers_oracle(quick: bool = False, progress: bool = True) -> dict:
                      "guided_w6_error_10_steps": (guided_out - ref_guided).norm(dim=1).mean().item()})  # fmt: skip
     return {"machine": machine(), "quick": quick, "grid": f"Karras rho=7, sigma {sigma_max} -> {sigma_min}", "steps": list(steps),
             "points": n_points, "rows": rows}  # fmt: skip
-
-
-class _Counting:
-    def __init__(self, den):
-        self.den, self.calls = den, 0
-
-    def __call__(self, x, sigma, **cond):
-        self.calls += 1
-        return self.den(x, sigma, **cond)
 
 
 class _GuidedOracle:

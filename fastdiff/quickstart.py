@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastdiff.errors import InputError
@@ -30,7 +30,6 @@ class QuickstartConfig:
     num_samples: int = 500
     seed: int = 0
     out: str = "outputs/quickstart"
-    extra_rows: list = field(default_factory=list)  # later issues add fastdiff samplers, caches, students here
 
 
 def teacher_path(name: str) -> Path:

@@ -7,7 +7,7 @@ from unittest import mock
 
 import torch
 
-__all__ = ["write_random_inception_weights"]
+__all__ = ["write_random_inception_weights", "CountingDenoiser"]
 
 
 def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
@@ -27,3 +27,14 @@ def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return path
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations (NFE)."""
+
+    def __init__(self, den):
+        self.den, self.calls = den, 0
+
+    def __call__(self, x, sigma, **cond):
+        self.calls += 1
+        return self.den(x, sigma, **cond)

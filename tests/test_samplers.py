@@ -8,6 +8,7 @@ import torch
 from fastdiff import samplers as S
 from fastdiff.errors import InputError
 from fastdiff.oracle import GaussianMixture
+from fastdiff.testing import CountingDenoiser
 
 SIGMA_MAX, SIGMA_MIN = 3.0, 0.1
 
@@ -62,22 +63,13 @@ def test_beta_one_is_the_base_solver(problem, order):
     assert not torch.allclose(S.sample_ghvb(gmm, x, sigmas, order=order, beta=0.7), base)
 
 
-class _Count:
-    def __init__(self, den):
-        self.den, self.calls = den, 0
-
-    def __call__(self, x, sigma, **cond):
-        self.calls += 1
-        return self.den(x, sigma, **cond)
-
-
 @pytest.mark.parametrize(
     "fn, nfe", [(S.sample_euler, 10), (S.sample_heun, 19), (S.sample_plms, 11), (S.sample_spndm, 11), (S.sample_fpndm, 19),
                 (S.sample_dpmpp_2m, 10), (S.sample_ghvb, 10)],
 )  # fmt: skip
 def test_model_evaluations(problem, fn, nfe):
     gmm, x, _ = problem
-    den = _Count(gmm)
+    den = CountingDenoiser(gmm)
     fn(den, x, S.karras_sigmas(10, 0.05, 3.0))
     assert den.calls == nfe
 
