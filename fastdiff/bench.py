@@ -104,11 +104,16 @@ def _inception_path() -> dict:
                 "weights": "random init written by fastdiff.testing.write_random_inception_weights (not the real weights)"}  # fmt: skip
 
 
+# Global order of each sampler on a uniform sigma grid, where fixed multistep coefficients are exact (see the report).
+THEORY_ORDER = {"euler": 1, "heun": 2, "dpmpp-2m": 2, "plms": 4, "s-pndm": 2, "f-pndm": 4, "ipndm": 4, "hb-plms": 1,
+                "ghvb": 4, "hb-dpmpp-2m": 1}  # fmt: skip
+
+
 def bench_samplers_oracle(quick: bool = False, progress: bool = True) -> dict:
     """Every fastdiff ODE sampler on the exact Gaussian-mixture oracle: error against the reference probability-flow
-    solution vs NFE with the fitted order, and the error at high guidance (w = 6) against the exact guided ODE."""
-    import math
-
+    solution vs NFE on a Karras grid (what people sample with) and on a uniform sigma grid (where linear multistep
+    reaches its theoretical order), the fitted orders, and the error at high guidance (w = 6) against the exact
+    guided ODE."""
     from tqdm.auto import tqdm
 
     from fastdiff.oracle import GaussianMixture
@@ -123,7 +128,11 @@ def bench_samplers_oracle(quick: bool = False, progress: bool = True) -> dict:
     labels = torch.arange(n_points) % 2
     guided = _GuidedOracle(gmm, labels, 6.0)
     ref_guided = gmm.ode_solve(x, sigma_max, sigma_min, class_labels=labels, guidance_scale=6.0)
+    uniform = (3.0, 0.3)
+    x_u = x * uniform[0] / sigma_max
+    ref_u = gmm.ode_solve(x_u, *uniform)
     steps = (5, 10, 20) if quick else (5, 10, 20, 40, 80)  # F-PNDM needs >= 4
+    steps_u = (10, 20, 40) if quick else (40, 80, 160, 320)
     rows = []
     for name, fn in tqdm(SAMPLERS.items(), desc="oracle", disable=not progress):
         errors, nfes = [], []
@@ -132,12 +141,22 @@ def bench_samplers_oracle(quick: bool = False, progress: bool = True) -> dict:
             out = fn(counter, x.clone(), karras_sigmas(n + 1, sigma_min, sigma_max)[:-1])  # n steps
             errors.append((out - ref).norm(dim=1).mean().item())
             nfes.append(counter.calls)
-        order = -math.log(errors[-1] / errors[-2]) / math.log(nfes[-1] / nfes[-2])
+        errors_u = [(fn(gmm, x_u.clone(), torch.linspace(*uniform, n + 1, dtype=torch.float64)) - ref_u).norm(dim=1).mean().item()
+                    for n in steps_u]  # fmt: skip
         guided_out = fn(guided, x.clone(), karras_sigmas(11, sigma_min, sigma_max)[:-1])
-        rows.append({"sampler": name, "nfe": nfes, "error": errors, "fitted_order": order,
+        rows.append({"sampler": name, "nfe": nfes, "error": errors, "fitted_order": _order(errors, nfes),
+                     "uniform_error": errors_u, "uniform_order": _order(errors_u, steps_u), "theory_order": THEORY_ORDER.get(name),
                      "guided_w6_error_10_steps": (guided_out - ref_guided).norm(dim=1).mean().item()})  # fmt: skip
     return {"machine": machine(), "quick": quick, "grid": f"Karras rho=7, sigma {sigma_max} -> {sigma_min}", "steps": list(steps),
+            "uniform_grid": f"uniform in sigma, {uniform[0]} -> {uniform[1]}", "uniform_steps": list(steps_u),
             "points": n_points, "rows": rows}  # fmt: skip
+
+
+def _order(errors: list[float], nfes) -> float:
+    """Slope of log error against log NFE between the two finest runs."""
+    import math
+
+    return -math.log(errors[-1] / errors[-2]) / math.log(nfes[-1] / nfes[-2])
 
 
 class _GuidedOracle:
@@ -155,20 +174,25 @@ class _GuidedOracle:
 def _render_samplers_oracle(data: dict) -> list[str]:
     nfe_header = " | ".join(f"err, {n} steps" for n in data["steps"])
     lines = [
-        "## Samplers on the exact Gaussian-mixture oracle",
+        "### Convergence on the exact Gaussian-mixture oracle",
         "",
-        f"Mean error against the reference probability-flow ODE solution ({data['points']} points, {data['grid']});",
-        "NFE = model evaluations at each step count (Heun and the PNDM warm-ups cost more per step). Fitted order: slope",
-        "of log error against log NFE between the two finest runs. Last column: error at 10 steps under classifier-free",
-        "guidance w = 6 against the exact guided ODE.",
+        f"Mean error against the reference probability-flow ODE solution ({data['points']} points). Karras grid "
+        f"({data['grid']}): NFE = model evaluations at each step count (Heun and the PNDM warm-ups cost more per step);",
+        "fitted order = slope of log error against log NFE between the two finest runs. On Karras (and VP-timestep) grids the",
+        "step size changes from step to step, so fixed-coefficient linear multistep (PLMS, iPNDM, GHVB, the PNDM family) is",
+        f"second order there; on a uniform grid ({data.get('uniform_grid', '')}, {', '.join(map(str, data.get('uniform_steps', [])))} steps)",
+        "it reaches its theoretical order, next to which the theory column stands (heavy ball with beta < 1: first order, as",
+        "the momentum paper proves; GHVB keeps the order of its multistep). Last column: error at 10 steps under",
+        "classifier-free guidance w = 6 against the exact guided ODE.",
         "",
-        f"| sampler | NFE | {nfe_header} | fitted order | guided w=6 error |",
-        "|---|---|" + "---|" * len(data["steps"]) + "---|---|",
+        f"| sampler | NFE (Karras) | {nfe_header} | order, Karras | order, uniform | theory | guided w=6 error |",
+        "|---|---|" + "---|" * len(data["steps"]) + "---|---|---|---|",
     ]
     for r in data["rows"]:
         errs = " | ".join(_fmt(e) for e in r["error"])
-        lines.append(f"| {r['sampler']} | {', '.join(map(str, r['nfe']))} | {errs} | {r['fitted_order']:.2f} | "
-                     f"{_fmt(r['guided_w6_error_10_steps'])} |")  # fmt: skip
+        uniform = f"{r['uniform_order']:.2f}" if "uniform_order" in r else "-"
+        lines.append(f"| {r['sampler']} | {', '.join(map(str, r['nfe']))} | {errs} | {r['fitted_order']:.2f} | {uniform} | "
+                     f"{r.get('theory_order') or '-'} | {_fmt(r['guided_w6_error_10_steps'])} |")  # fmt: skip
     return lines
 
 
@@ -209,8 +233,21 @@ def _render_teachers(data: dict) -> list[str]:
     return lines
 
 
-RENDERERS: dict[str, Callable[[dict], list[str]]] = {"teachers": _render_teachers, "samplers-oracle": _render_samplers_oracle}
-COMMANDS = {"teachers": "fastdiff bench teachers", "samplers-oracle": "fastdiff bench samplers-oracle"}
+def _render_samplers(data: dict) -> list[str]:
+    from fastdiff.bench_samplers import render_samplers
+
+    return render_samplers(data)
+
+
+def _plot_samplers(data: dict, path: Path) -> Path:
+    from fastdiff.bench_samplers import plot_samplers
+
+    return plot_samplers(data, path)
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {"teachers": _render_teachers, "samplers": _render_samplers}
+PLOTS: dict[str, tuple[str, Callable[[dict, Path], Path]]] = {"samplers": ("samplers_fid_vs_nfe.png", _plot_samplers)}
+COMMANDS = {"teachers": "fastdiff bench teachers", "samplers": "fastdiff bench samplers"}
 
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -225,6 +262,8 @@ def write_report(bench_dir: Path = BENCH_DIR, out: Path = ROOT / "BENCHMARKS.md"
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
+        if name in PLOTS:
+            PLOTS[name][1](data, Path(bench_dir) / PLOTS[name][0])
         m = data["machine"]
         lines += render(data)
         lines += [
@@ -252,7 +291,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_bench(name: str, quick: bool, progress: bool = True) -> Path:
     """Run benchmark ``name``, write its JSON and regenerate the report."""
-    runners = {"teachers": bench_teachers, "samplers-oracle": bench_samplers_oracle}
+    from fastdiff.bench_samplers import bench_samplers
+
+    runners = {"teachers": bench_teachers, "samplers": bench_samplers}
     data = runners[name](quick=quick, progress=progress)
     BENCH_DIR.mkdir(exist_ok=True)
     path = BENCH_DIR / f"{name}{'-quick' if quick else ''}.json"

@@ -76,12 +76,25 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Run a training recipe (YAML) with dotted overrides."""
-    from fastdiff.config import load_config
+    """Run a training recipe (YAML) with dotted overrides: a teacher (``objective: denoising``) or a consistency
+    student (``objective: ict | ilct | cd``)."""
+    from fastdiff.config import load_config, recipe_objective
+    from fastdiff.distill import DistillRecipe, run_distill
     from fastdiff.teacher import TeacherRecipe, train_teacher
+    from fastdiff.trainer import TrainingStopped
 
-    recipe = load_config(TeacherRecipe, args.recipe, args.set)
-    print(f"saved {train_teacher(recipe, progress=not args.no_progress)}")
+    if recipe_objective(args.recipe) == "denoising":
+        if args.resume:
+            raise InputError("--resume applies to consistency recipes; teacher recipes continue with train.init_from")
+        recipe = load_config(TeacherRecipe, args.recipe, args.set)
+        print(f"saved {train_teacher(recipe, progress=not args.no_progress)}")
+        return
+    recipe = load_config(DistillRecipe, args.recipe, args.set)
+    try:
+        print(f"saved {run_distill(recipe, resume=args.resume, progress=not args.no_progress)}")
+    except TrainingStopped as err:
+        print(f"fastdiff train: stopped: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def _write_json(path: str | None, record: dict) -> None:
@@ -241,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a training recipe (also: accelerate launch scripts/train.py RECIPE)")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/teacher_digits.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
+    p.add_argument("--resume", metavar="latest|DIR", help="consistency recipes: continue from the newest intact checkpoint "
+                   "in output_dir (`latest`) or from a checkpoint folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -293,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md")
-    p.add_argument("name", choices=("teachers", "samplers-oracle", "report"), help="`report` only regenerates BENCHMARKS.md")
+    p.add_argument("name", choices=("teachers", "samplers", "report"),
+                   help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
+                        "Gaussian-mixture oracle, scheduler overhead); report: only regenerate BENCHMARKS.md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)

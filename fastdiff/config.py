@@ -20,7 +20,7 @@ import yaml
 
 from fastdiff.errors import InputError
 
-__all__ = ["load_config", "from_dict", "apply_overrides", "to_dict"]
+__all__ = ["load_config", "from_dict", "apply_overrides", "to_dict", "recipe_objective"]
 
 T = TypeVar("T")
 _YAML12_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -38,6 +38,18 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a mapping of keys at the top level; got {type(data).__name__}")
     return from_dict(cls, apply_overrides(data, overrides), where=str(path))
+
+
+def recipe_objective(path: str | Path) -> str:
+    """The ``objective`` a recipe file names (``denoising`` when absent), to pick its recipe class."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path} is not valid YAML: {err}") from None
+    return str(data.get("objective", "denoising")) if isinstance(data, dict) else "denoising"
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from fastdiff.errors import check_choice
@@ -103,3 +104,15 @@ def consistency_scalings(
         c_noise=noise_scale * sigma.log() / 4,
     )
 
+
+
+def lcm_scalings(t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Scalings:
+    """LCM's boundary scalings at discrete timestep ``t`` (diffusers ``LCMScheduler``): ``c_skip = s^2 / ((k t)^2 + s^2)``,
+    ``c_out = k t / sqrt((k t)^2 + s^2)`` with ``k = timestep_scaling``, ``s = sigma_data``; ``f(x, 0) = x``."""
+    scaled = t * timestep_scaling
+    return Scalings(
+        c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
+        c_out=scaled / (scaled**2 + sigma_data**2).sqrt(),
+        c_in=torch.ones_like(t),
+        c_noise=t,
+    )

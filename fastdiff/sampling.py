@@ -51,8 +51,12 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "ghvb": _fastdiff("GHVBScheduler"),
     "hb-plms": _fastdiff("HeavyBallPLMSScheduler"),
     "hb-dpmpp-2m": _fastdiff("HeavyBallDPMSolverScheduler"),
+    "ipndm": _fastdiff("IPNDMScheduler"),
+    "plms": _fastdiff("PLMSScheduler"),
+    "s-pndm": _fastdiff("SPNDMScheduler"),
+    "f-pndm": _fastdiff("FPNDMScheduler"),
 }
-FASTDIFF_SCHEDULERS = ("ghvb", "hb-plms", "hb-dpmpp-2m")
+FASTDIFF_SCHEDULERS = ("ghvb", "hb-plms", "hb-dpmpp-2m", "ipndm", "plms", "s-pndm", "f-pndm")
 
 
 def make_scheduler(name: str, config: dict) -> Any:

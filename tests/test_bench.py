@@ -37,3 +37,50 @@ def test_samplers_oracle_quick_orders():
     assert 0.85 < rows["euler"]["fitted_order"] < 1.15 and 1.8 < rows["heun"]["fitted_order"] < 2.4
     assert rows["heun"]["nfe"] == [10, 20, 40] and rows["plms"]["nfe"] == [6, 11, 21]
     assert all(r["error"][-1] < r["error"][0] for r in rows.values())
+    assert rows["plms"]["uniform_order"] > 2.8 and rows["hb-plms"]["uniform_order"] < 1.2  # multistep order on a uniform grid
+
+
+def _sampler_rows():
+    rows = []
+    for g in (1.0, 6.0):
+        for name, source, fid_test, div in (("A", "fastdiff", 10.0, 0.0), ("PLMS", "fastdiff", 50.0, 0.5), ("DDIM", "diffusers", 12.0, 0.0)):
+            rows.append({"sampler": name, "source": source, "guidance": g, "nfe": 6.0, "steps": 6, "fid_test": fid_test + g,
+                         "fid_converged": 1.0, "rmse_to_converged": 0.1, "out_of_range": div, "diverged": div, "seconds": 1.0})  # fmt: skip
+    return rows
+
+
+def test_sampler_report_and_targets(tmp_path):
+    from fastdiff.bench_samplers import targets
+
+    data = {
+        "machine": machine(), "quick": False, "teacher": "fashion-mnist", "num_samples": 8, "guidance": [1.0, 6.0], "nfe": [6],
+        "reference": {"1.0": {"sampler": "DPM-Solver++(2M)", "nfe": 50, "fid_test": 9.0, "out_of_range": 0.0},
+                      "6.0": {"sampler": "DPM-Solver++(2M)", "nfe": 50, "fid_test": 20.0, "out_of_range": 0.5}},
+        "rows": _sampler_rows(),
+        "overhead": {"batch": 4, "teacher_forward_ms": 10.0, "rows": [{"scheduler": "GHVBScheduler", "name": "ghvb", "source": "fastdiff",
+                                                                        "step_ms": 0.1, "ratio_to_forward": 0.01}]},
+        "oracle": {"grid": "k", "steps": [5], "uniform_grid": "u", "uniform_steps": [10], "points": 4, "rows": [
+            {"sampler": "euler", "nfe": [5], "error": [0.1], "fitted_order": 1.0, "uniform_order": 1.0, "theory_order": 1,
+             "guided_w6_error_10_steps": 0.2}]},
+    }  # fmt: skip
+    t = targets(data)
+    assert t["champion"] == "A" and t["high_guidance"][0]["plms_diverged"] == 0.5 and t["max_fastdiff_overhead"] == 0.01
+    assert t["high_guidance"][0]["best_fastdiff_fid"] < t["high_guidance"][0]["best_diffusers_fid"]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "samplers.json").write_text(json.dumps(data))
+    write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| A (fastdiff) | **16 / 1** |" in report and "| PLMS (fastdiff) | 56 / 1 †50% |" in report
+    assert "beats every diffusers scheduler in 1 of 1 cells" in report and (tmp_path / "bench" / "samplers_fid_vs_nfe.png").stat().st_size > 0
+
+
+def test_sampler_bench_quick_runs_end_to_end():
+    from fastdiff.bench_samplers import SAMPLER_ENTRIES, bench_samplers
+
+    data = bench_samplers(quick=True, progress=False, num_samples=4)
+    labels = {r["sampler"] for r in data["rows"]}
+    assert labels == {e[0] for e in SAMPLER_ENTRIES}
+    plms = [r for r in data["rows"] if r["sampler"] == "PLMS"]
+    assert all(r["nfe"] == r["steps"] + 1 for r in plms)  # the warm-up's extra evaluation is counted
+    assert all(0 <= r["diverged"] <= r["out_of_range"] <= 1 for r in data["rows"])  # diverged implies out of range
+    assert all(r["ratio_to_forward"] < 0.5 for r in data["overhead"]["rows"])

@@ -1,11 +1,12 @@
-"""fastdiff's multistep rules as drop-in diffusers schedulers.
+"""fastdiff's samplers as drop-in diffusers schedulers.
 
-``pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config)`` swaps a momentum solver into any pipeline that
-drives a scheduler (discrete VP models with epsilon / v / sample prediction, and flow-matching models). The scheduler
-holds no step rule of its own: each ``step`` converts the model output to the x0 estimate at the current sigma
-(:mod:`fastdiff.param`), moves to sigma space, and calls the same rule the functional sampler uses
-(:mod:`fastdiff.samplers.momentum`, :mod:`fastdiff.samplers.ode`), keyed on ``step_index`` -- never on a call
-counter.
+``pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config)`` swaps a fastdiff solver into any pipeline that
+drives a scheduler (discrete VP models with epsilon / v / sample prediction, and flow-matching models). The schedulers
+hold no step rule of their own: each ``step`` converts the model output to the x0 estimate at the current sigma
+(:mod:`fastdiff.param`), moves to sigma space, and hands it to what the functional sampler uses -- a multistep rule
+(:mod:`fastdiff.samplers.momentum`, :mod:`fastdiff.samplers.ode`) or a PNDM program (:mod:`fastdiff.samplers.pndm`),
+keyed on ``step_index``, never on a call counter. The grid, the noising and the rest of the contract live in
+:class:`SigmaGridScheduler`.
 
 Flow-matching grids start at ``t = 1`` (pure noise, sigma = inf); the scheduler evaluates that first point at
 ``t = FLOW_T_MAX`` (``1 - 1e-4``), which changes the input's interpretation by 1e-4 of the signal.
@@ -27,8 +28,9 @@ from torch import Tensor
 from fastdiff.errors import InputError, check_choice
 from fastdiff.param import canonical_prediction_type, x0_from_output
 from fastdiff.samplers.grids import karras_sigmas
-from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
+from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule, ipndm_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
+from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, pndm_program
 from fastdiff.schedules import (
     FlowSchedule,
     VPSchedule,
@@ -38,10 +40,17 @@ from fastdiff.schedules import (
     vp_timesteps,
 )
 
-__all__ = ["MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler", "FLOW_T_MAX"]
+__all__ = [
+    "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler",
+    "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "FLOW_T_MAX",
+]  # fmt: skip
 
 FLOW_T_MAX = 1 - 1e-4
-SOLVERS = {"ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule}
+SOLVERS = {
+    "ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule, "ipndm": ipndm_rule,
+}  # fmt: skip
+_ORDERED = ("ghvb", "hb-plms", "ipndm")  # solvers with a multistep order
+_DAMPED = ("ghvb", "hb-plms", "hb-dpmpp-2m")  # solvers with a momentum
 _FLOW_COMPATIBLES = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 
 
@@ -53,65 +62,28 @@ class FastdiffSchedulerOutput(BaseOutput):
     pred_original_sample: Tensor
 
 
-class MomentumScheduler(SchedulerMixin, ConfigMixin):
-    """Momentum multistep solvers (Wizadwongsa et al., ICLR 2024) as a diffusers scheduler.
-
-    Args:
-        solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``hb-dpmpp-2m`` (heavy ball on
-            DPM-Solver++(2M)) or ``dpmpp-2m``; default per class.
-        solver_order: multistep order 1-4 (GHVB, HB-PLMS).
-        momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
-        use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``.
-        use_flow_sigmas: treat the model as flow matching even if the config has betas.
-        The remaining arguments are diffusers' usual VP and flow-matching config fields.
-    """
+class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
+    """The diffusers contract around a descending sigma grid: grids from ``num_inference_steps`` / ``timesteps`` /
+    ``sigmas`` / ``mu`` for VP and flow models, ``step_index`` / ``begin_index``, ``add_noise`` / ``scale_noise``,
+    model output -> x0 conversion. Subclasses set the config (``@register_to_config``), call :meth:`_setup` and
+    implement :meth:`_install` (what to do with a new grid) and :meth:`_advance` (one step in sigma space)."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + _FLOW_COMPATIBLES
     order = 1
-    _default_solver = "ghvb"
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: np.ndarray | list[float] | None = None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        solver: str | None = None,
-        solver_order: int = 4,
-        momentum: float = 0.8,
-        use_karras_sigmas: bool = False,
-        use_flow_sigmas: bool = False,
-        shift: float = 1.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float = 0.5,
-        max_shift: float = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-    ):
-        solver = solver or self._default_solver
-        check_choice("solver", solver, SOLVERS)
-        self.register_to_config(solver=solver)  # record the resolved solver, so any class reloads the same one
-        _check(solver_order if solver in ("ghvb", "hb-plms") else 1, momentum)
-        self.prediction_type = canonical_prediction_type("flow" if use_flow_sigmas and prediction_type == "epsilon" else prediction_type)
-        self.flow = use_flow_sigmas or self.prediction_type == "flow"
-        self.schedule = FlowSchedule(num_train_timesteps) if self.flow else VPSchedule.from_config(self.config)
-        params = {"beta": momentum} if solver != "dpmpp-2m" else {}
-        if solver in ("ghvb", "hb-plms"):
-            params["order"] = solver_order
-        self.rule = partial(SOLVERS[solver], **params)
-        self.sigmas = torch.zeros(0)
+    def _setup(self) -> None:
+        cfg = self.config
+        prediction = "flow" if cfg.use_flow_sigmas and cfg.prediction_type == "epsilon" else cfg.prediction_type
+        self.prediction_type = canonical_prediction_type(prediction)
+        self.flow = cfg.use_flow_sigmas or self.prediction_type == "flow"
+        self.schedule = FlowSchedule(cfg.num_train_timesteps) if self.flow else VPSchedule.from_config(cfg)
+        self.sigmas = self.grid = torch.zeros(0)
         self.timesteps = torch.zeros(0)
         self.num_inference_steps = None
-        self._reset()
+        self._step_index, self._begin_index = None, None
 
     @classmethod
-    def from_config(cls, config: Any = None, **kwargs: Any) -> MomentumScheduler:
+    def from_config(cls, config: Any = None, **kwargs: Any) -> SigmaGridScheduler:
         """As diffusers' ``from_config``; a flow-matching scheduler's config (FlowMatch*) turns on ``use_flow_sigmas``."""
         from fastdiff.schedules import is_flow_config
 
@@ -121,9 +93,6 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         return super().from_config(config, **kwargs)
 
     # -- the grid ----------------------------------------------------------------------------------------------------
-
-    def _reset(self) -> None:
-        self._state, self._step_index, self._begin_index = None, None, None
 
     def set_timesteps(
         self,
@@ -140,12 +109,18 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None and sigmas is not None:
             raise InputError("pass either timesteps or sigmas, not both")
         grid = self._flow_grid(num_inference_steps, timesteps, sigmas, mu) if self.flow else self._vp_grid(num_inference_steps, timesteps, sigmas)
-        self.sigmas = torch.cat([grid, grid.new_zeros(1)]).to(device=device, dtype=torch.float64)
-        self.timesteps = self.schedule.sigma_to_t(self.sigmas[:-1]).to(device=device, dtype=torch.float32)
-        if not self.flow and sigmas is None and not self.config.use_karras_sigmas:
-            self.timesteps = self.timesteps.round().long()  # integer grids stay integer, as the pipelines expect
+        self.integer_timesteps = not self.flow and sigmas is None and not self.config.use_karras_sigmas
         self.num_inference_steps = len(grid)
-        self._reset()
+        self._step_index, self._begin_index = None, None
+        self.grid = torch.cat([grid, grid.new_zeros(1)]).to(device=device, dtype=torch.float64)  # the solver's steps
+        self._install(self.grid)
+
+    def _set_evaluations(self, sigmas: Tensor) -> None:
+        """The model is evaluated at ``sigmas[:-1]``: ``self.sigmas`` and the matching ``self.timesteps``."""
+        self.sigmas = sigmas
+        self.timesteps = self.schedule.sigma_to_t(sigmas[:-1]).to(dtype=torch.float32)
+        if self.integer_timesteps:
+            self.timesteps = self.timesteps.round().long()  # integer grids stay integer, as the pipelines expect
 
     def _vp_grid(self, n: int | None, timesteps: list[int] | None, sigmas: list[float] | None) -> Tensor:
         if sigmas is not None:
@@ -206,19 +181,19 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Any = None,
              return_dict: bool = True) -> FastdiffSchedulerOutput | tuple:  # fmt: skip
-        """One solver step from ``timestep`` to the next grid point."""
+        """One step from ``timestep`` to the next point of ``timesteps``."""
         if self.num_inference_steps is None:
             raise InputError("call set_timesteps before step")
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
         i = self._step_index
-        sigma, sigma_next = self.sigmas[i].to(sample.device), self.sigmas[i + 1].to(sample.device)
+        sigma = self.sigmas[i].to(sample.device)
         dtype = sample.dtype
         x_t, out = sample.to(torch.float64), model_output.to(torch.float64)
         alpha = self.schedule.scale(sigma)
         denoised = x0_from_output(out, x_t, alpha, alpha * sigma, self.prediction_type)
-        x_next, self._state = self.rule(x_t / alpha, denoised, sigma, sigma_next, self._state)
-        prev = (x_next * self.schedule.scale(sigma_next)).to(dtype)
+        x_next = self._advance(x_t / alpha, denoised, i)
+        prev = (x_next * self.schedule.scale(self.sigmas[i + 1].to(sample.device))).to(dtype)
         self._step_index += 1
         if not return_dict:
             return prev, denoised.to(dtype)
@@ -239,6 +214,156 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    def _install(self, grid: Tensor) -> None:
+        raise NotImplementedError
+
+    def _advance(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
+        raise NotImplementedError
+
+
+class MomentumScheduler(SigmaGridScheduler):
+    """Momentum multistep solvers (Wizadwongsa et al., ICLR 2024) as a diffusers scheduler.
+
+    Args:
+        solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``hb-dpmpp-2m`` (heavy ball on
+            DPM-Solver++(2M)), ``ipndm`` (PLMS with Adams-Bashforth warm-up) or ``dpmpp-2m``; default per class.
+        solver_order: multistep order 1-4 (GHVB, HB-PLMS, iPNDM).
+        momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
+        use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``.
+        use_flow_sigmas: treat the model as flow matching even if the config has betas.
+        The remaining arguments are diffusers' usual VP and flow-matching config fields.
+    """
+
+    _default_solver = "ghvb"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        solver: str | None = None,
+        solver_order: int = 4,
+        momentum: float = 0.8,
+        use_karras_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+    ):
+        solver = solver or self._default_solver
+        check_choice("solver", solver, SOLVERS)
+        self.register_to_config(solver=solver)  # record the resolved solver, so any class reloads the same one
+        _check(solver_order if solver in _ORDERED else 1, momentum if solver in _DAMPED else 1.0)
+        params = {"beta": momentum} if solver in _DAMPED else {}
+        if solver in _ORDERED:
+            params["order"] = solver_order
+        self.rule = partial(SOLVERS[solver], **params)
+        self._state = None
+        self._setup()
+
+    def _install(self, grid: Tensor) -> None:
+        self._state = None
+        self._set_evaluations(grid)
+
+    def _advance(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
+        x_next, self._state = self.rule(x, denoised, self.sigmas[i].to(x.device), self.sigmas[i + 1].to(x.device), self._state)
+        return x_next
+
+
+class PseudoNumericalScheduler(SigmaGridScheduler):
+    """The PNDM family (Liu et al., ICLR 2022) as a diffusers scheduler, warm-up stages included as timesteps.
+
+    ``variant``: ``plms`` (pseudo improved Euler first step, then 4th-order pseudo linear multistep; N steps = N + 1
+    timesteps, like diffusers' ``PNDMScheduler(skip_prk_steps=True)``), ``s-pndm`` (same warm-up, then 2nd order) or
+    ``f-pndm`` (three pseudo Runge-Kutta steps at the timestep midpoints, then 4th order; N + 9 timesteps, N >= 4).
+    Every entry of ``timesteps`` is a real model evaluation at that timestep (a repeated timestep is the warm-up's
+    second evaluation there), and the step sizes come from the actual grid, whatever the spacing. Started part-way
+    (img2img: ``set_begin_index(k)``) past the warm-up, it continues with Adams-Bashforth orders 1..4 from that point.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        variant: str | None = None,
+        use_karras_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+    ):
+        variant = variant or self._default_variant
+        check_choice("variant", variant, ("plms", "s-pndm", "f-pndm"))
+        self.register_to_config(variant=variant)
+        self._program: Program | None = None
+        self._setup()
+
+    _default_variant = "plms"
+
+    def _mid(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        """PRK half step at the timestep midpoint (paper: ``t - delta/2``), an integer for integer grids."""
+        t = (self.schedule.sigma_to_t(sigma) + self.schedule.sigma_to_t(sigma_next)) / 2
+        return self.schedule.t_to_sigma(t.ceil() if self.integer_timesteps else t)  # t - ceil(delta / 2) = diffusers' t - T//N//2
+
+    def _install(self, grid: Tensor) -> None:
+        _, _, min_steps = PNDM_VARIANTS[self.config.variant]
+        if len(grid) - 1 < min_steps:
+            raise InputError(f"{self.config.variant} needs at least {min_steps} inference steps for its warm-up; got {len(grid) - 1}")
+        self._program = None
+        dry = pndm_program(grid.new_zeros(1), grid, self.config.variant, self._mid)  # the evaluation points, in order
+        points, q = [], next(dry)
+        try:
+            while True:
+                points.append(q.sigma)
+                q = dry.send((q.x, q.x))
+        except StopIteration:
+            pass
+        self._set_evaluations(torch.cat([torch.stack(points).reshape(-1), grid.new_zeros(1)]))
+
+    def _advance(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
+        if self._program is None:
+            self._program = self._start(x, i)
+        try:
+            q: Query = self._program.send((x, denoised))
+        except StopIteration as done:
+            self._program = None
+            return done.value
+        return q.x
+
+    def _start(self, x: Tensor, i: int) -> Program:
+        """The program, advanced to its first query (which is evaluation ``i``)."""
+        if i == 0:
+            program = pndm_program(x, self.grid.to(x.device), self.config.variant, self._mid)
+        else:
+            tail = self.sigmas[i:].to(x.device)
+            if not bool((tail[1:] < tail[:-1]).all()):
+                raise InputError(f"{self.config.variant} cannot start at evaluation {i}: it is inside the warm-up; start at "
+                                 f"index 0 or after the warm-up (>= {len(self.sigmas) - len(self.grid)})")  # fmt: skip
+            program = pndm_program(x, tail, "ab")
+        next(program)
+        return program
+
 
 class GHVBScheduler(MomentumScheduler):
     """Generalized heavy ball (order ``solver_order``, damping ``momentum``)."""
@@ -257,3 +382,26 @@ class HeavyBallDPMSolverScheduler(MomentumScheduler):
 
     _default_solver = "hb-dpmpp-2m"
 
+
+class IPNDMScheduler(MomentumScheduler):
+    """iPNDM: PLMS with Adams-Bashforth warm-up (orders 1..4), one evaluation per step."""
+
+    _default_solver = "ipndm"
+
+
+class PLMSScheduler(PseudoNumericalScheduler):
+    """PLMS: pseudo improved Euler first step, then 4th-order pseudo linear multistep (N steps, N + 1 evaluations)."""
+
+    _default_variant = "plms"
+
+
+class SPNDMScheduler(PseudoNumericalScheduler):
+    """S-PNDM: pseudo improved Euler first step, then 2nd-order pseudo linear multistep."""
+
+    _default_variant = "s-pndm"
+
+
+class FPNDMScheduler(PseudoNumericalScheduler):
+    """F-PNDM: three pseudo Runge-Kutta steps, then 4th-order PLMS (N >= 4 steps, N + 9 evaluations)."""
+
+    _default_variant = "f-pndm"

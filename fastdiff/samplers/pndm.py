@@ -2,22 +2,44 @@
 
 Every stage moves with the exact transfer part phi (:func:`~fastdiff.samplers._common.transfer`, the DDIM step); the
 gradient part combines noise estimates ``eps`` with linear-multistep coefficients (paper eq. 12, 13).
+
+The methods are written once, as a *program* (:func:`pndm_program`): a generator that yields each point where it
+needs the model, ``Query(x, sigma, ...)``, receives ``(x_evaluated, denoised)`` back and finally returns the sample.
+:func:`run_program` drives it with a denoiser (the functional samplers); the diffusers schedulers drive the same
+program with the model outputs the pipeline hands to ``step`` -- warm-up stages become ordinary timesteps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from fastdiff.samplers._common import Callback, denoise, to_d, transfer
 from fastdiff.samplers.grids import check_sigmas
 
-__all__ = ["adams_bashforth", "sample_plms", "sample_spndm", "sample_fpndm", "PNDM_VARIANTS"]
+__all__ = [
+    "adams_bashforth", "sample_plms", "sample_spndm", "sample_fpndm", "PNDM_VARIANTS", "pndm_program", "run_program",
+    "Query", "geometric_mid",
+]  # fmt: skip
 
 # Adams-Bashforth coefficients, newest first (order 1..4).
 _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+# variant -> (warm-up, multistep order, fewest steps)
+PNDM_VARIANTS = {"plms": ("heun", 4, 1), "s-pndm": ("heun", 2, 1), "f-pndm": ("prk", 4, 4), "ab": ("none", 4, 1)}
+
+
+class Query(NamedTuple):
+    """A point where a program needs the model: evaluate at ``(x, sigma)``; ``i`` and ``sigma_next`` name the step."""
+
+    x: Tensor
+    sigma: Tensor
+    i: int
+    sigma_next: Tensor
+
+
+Program = Generator[Query, tuple[Tensor, Tensor], Tensor]
 
 
 def adams_bashforth(history: tuple[Tensor, ...], order: int = 4) -> Tensor:
@@ -26,24 +48,26 @@ def adams_bashforth(history: tuple[Tensor, ...], order: int = 4) -> Tensor:
     return sum(c * h for c, h in zip(_AB[k], history))
 
 
-def _pseudo_heun(den, x, sigma, sigma_next, cond, callback, i):
+def _eps(q: Query):
+    """Ask for the model at ``q``; the noise estimate there (paper's ``e``)."""
+    x, denoised = yield q
+    return to_d(x, denoised, q.sigma)
+
+
+def _pseudo_heun(x, sigma, sigma_next, i):
     """Pseudo improved Euler (S-PNDM warm-up, paper eq. 11): average the noise at both ends, one transfer. Returns the
     new x and the first noise estimate (the one kept in the history). Costs 2 evaluations."""
-    e1 = to_d(x, denoise(den, x, sigma, cond, callback, i, sigma_next), sigma)
-    x1 = transfer(x, e1, sigma, sigma_next)
-    e2 = to_d(x1, denoise(den, x1, sigma_next, cond, callback, i, sigma_next), sigma_next)
+    e1 = yield from _eps(Query(x, sigma, i, sigma_next))
+    e2 = yield from _eps(Query(transfer(x, e1, sigma, sigma_next), sigma_next, i, sigma_next))
     return transfer(x, (e1 + e2) / 2, sigma, sigma_next), e1
 
 
-def _prk(den, x, sigma, sigma_next, sigma_mid, cond, callback, i):
+def _prk(x, sigma, sigma_next, sigma_mid, i):
     """Pseudo Runge-Kutta step (paper eq. 10): RK4 stages, each a transfer from x. Costs 4 evaluations."""
-    e1 = to_d(x, denoise(den, x, sigma, cond, callback, i, sigma_next), sigma)
-    x1 = transfer(x, e1, sigma, sigma_mid)
-    e2 = to_d(x1, denoise(den, x1, sigma_mid, cond, callback, i, sigma_next), sigma_mid)
-    x2 = transfer(x, e2, sigma, sigma_mid)
-    e3 = to_d(x2, denoise(den, x2, sigma_mid, cond, callback, i, sigma_next), sigma_mid)
-    x3 = transfer(x, e3, sigma, sigma_next)
-    e4 = to_d(x3, denoise(den, x3, sigma_next, cond, callback, i, sigma_next), sigma_next)
+    e1 = yield from _eps(Query(x, sigma, i, sigma_next))
+    e2 = yield from _eps(Query(transfer(x, e1, sigma, sigma_mid), sigma_mid, i, sigma_next))
+    e3 = yield from _eps(Query(transfer(x, e2, sigma, sigma_mid), sigma_mid, i, sigma_next))
+    e4 = yield from _eps(Query(transfer(x, e3, sigma, sigma_next), sigma_next, i, sigma_next))
     return transfer(x, (e1 + 2 * e2 + 2 * e3 + e4) / 6, sigma, sigma_next), e1
 
 
@@ -52,38 +76,50 @@ def geometric_mid(sigma: Tensor, sigma_next: Tensor) -> Tensor:
     return (sigma * sigma_next).sqrt()
 
 
-def _pndm(den, x, sigmas, cond, callback, warmup: str, order: int, sigma_mid: Callable = geometric_mid) -> Tensor:
-    name = {"heun": "plms", "prk": "f-pndm"}[warmup] if order == 4 else "s-pndm"
-    min_steps = 4 if warmup == "prk" else 1
-    sigmas = check_sigmas(sigmas, min_steps=min_steps, method=name).to(x.device, x.dtype)
-    warm_steps = 3 if warmup == "prk" else 1
+def pndm_program(x: Tensor, sigmas: Tensor, variant: str = "plms", sigma_mid: Callable = geometric_mid) -> Program:
+    """The PNDM family as a program (see the module docstring). ``variant``: ``plms`` (pseudo-Heun first step, then
+    linear multistep of order 2, 3, 4), ``s-pndm`` (pseudo-Heun, then order 2), ``f-pndm`` (three pseudo Runge-Kutta
+    steps, then order 4) or ``ab`` (no warm-up: orders 1, 2, 3, 4, one evaluation per step)."""
+    warmup, order, min_steps = PNDM_VARIANTS[variant]
+    sigmas = check_sigmas(sigmas, min_steps=min_steps, method=variant).to(x.device, x.dtype)
+    warm_steps = {"prk": 3, "heun": 1, "none": 0}[warmup]
     history: tuple[Tensor, ...] = ()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         if i < warm_steps and sigma_next > 0:
             if warmup == "prk":
-                x, e = _prk(den, x, sigma, sigma_next, sigma_mid(sigma, sigma_next), cond, callback, i)
+                x, e = yield from _prk(x, sigma, sigma_next, sigma_mid(sigma, sigma_next), i)
             else:
-                x, e = _pseudo_heun(den, x, sigma, sigma_next, cond, callback, i)
+                x, e = yield from _pseudo_heun(x, sigma, sigma_next, i)
             history = (e, *history)[:4]
             continue
-        e = to_d(x, denoise(den, x, sigma, cond, callback, i, sigma_next), sigma)
+        e = yield from _eps(Query(x, sigma, i, sigma_next))
         history = (e, *history)[:4]
         x = transfer(x, adams_bashforth(history, order), sigma, sigma_next)
     return x
+
+
+def run_program(program: Program, den: Callable, cond: Mapping[str, Any] | None = None, callback: Callback | None = None) -> Tensor:
+    """Answer every query of ``program`` with the denoiser; the program's result."""
+    try:
+        q = next(program)
+        while True:
+            q = program.send((q.x, denoise(den, q.x, q.sigma, cond, callback, q.i, q.sigma_next)))
+    except StopIteration as done:
+        return done.value
 
 
 def sample_plms(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
                 callback: Callback | None = None) -> Tensor:  # fmt: skip
     """PLMS as diffusers' ``PNDMScheduler(skip_prk_steps=True)`` runs it: a pseudo improved Euler first step, then
     pseudo linear multistep of order 2, 3 and 4 (paper eq. 12). N steps cost N + 1 evaluations."""
-    return _pndm(den, x, sigmas, cond, callback, "heun", 4)
+    return run_program(pndm_program(x, sigmas, "plms"), den, cond, callback)
 
 
 def sample_spndm(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
                  callback: Callback | None = None) -> Tensor:  # fmt: skip
     """S-PNDM: pseudo improved Euler first step, then the pseudo second-order multistep ``(3 e_t - e_{t-1}) / 2``."""
-    return _pndm(den, x, sigmas, cond, callback, "heun", 2)
+    return run_program(pndm_program(x, sigmas, "s-pndm"), den, cond, callback)
 
 
 def sample_fpndm(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
@@ -91,8 +127,4 @@ def sample_fpndm(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, An
     """F-PNDM: three pseudo Runge-Kutta steps (4 evaluations each), then fourth-order PLMS. Needs at least 4 steps;
     N steps cost N + 9 evaluations. ``sigma_mid(sigma, sigma_next)`` picks the half step (a VP schedule's timestep
     midpoint reproduces the paper exactly)."""
-    return _pndm(den, x, sigmas, cond, callback, "prk", 4, sigma_mid)
-
-
-PNDM_VARIANTS = {"plms": sample_plms, "s-pndm": sample_spndm, "f-pndm": sample_fpndm}
-
+    return run_program(pndm_program(x, sigmas, "f-pndm", sigma_mid), den, cond, callback)

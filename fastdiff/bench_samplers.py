@@ -1,0 +1,304 @@
+"""``fastdiff bench samplers``: every fastdiff sampler and diffusers' schedulers side by side, in one run.
+
+* the shipped Fashion-MNIST teacher at several guidance scales and NFE budgets: domain FID against the test split
+  and against the teacher's own converged samples (same guidance), per-image error to the same-seed converged sample,
+  and the divergence-artifact rate;
+* the exact Gaussian-mixture oracle: error against the reference ODE solution vs NFE, fitted orders, guided error;
+* the per-step cost of each scheduler relative to one teacher forward.
+
+Divergence is measured on the raw samples, before any clipping: a sample is *out of range* when some pixel has
+``|x| > 1.5`` (data live in [-1, 1]); it has *diverged* when its largest ``|x|`` exceeds ``max(1.5, 2 x`` that of the
+converged sample from the same noise``)`` -- at high guidance the converged samples themselves leave [-1, 1], so
+only the second is a solver failure.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["SAMPLER_ENTRIES", "bench_samplers", "render_samplers", "plot_samplers"]
+
+# (label, scheduler name in fastdiff.sampling.SCHEDULERS, config overrides, extra model calls beyond one per step)
+SAMPLER_ENTRIES: list[tuple[str, str, dict, int]] = [
+    ("GHVB 3.8 (order 4, beta 0.8)", "ghvb", {"solver_order": 4, "momentum": 0.8}, 0),
+    ("GHVB 1.8 (order 2, beta 0.8)", "ghvb", {"solver_order": 2, "momentum": 0.8}, 0),
+    ("GHVB 1.5 (order 2, beta 0.5)", "ghvb", {"solver_order": 2, "momentum": 0.5}, 0),
+    ("HB-PLMS (order 4, beta 0.8)", "hb-plms", {"solver_order": 4, "momentum": 0.8}, 0),
+    ("HB-PLMS (order 2, beta 0.8)", "hb-plms", {"solver_order": 2, "momentum": 0.8}, 0),
+    ("HB-DPM-Solver++(2M) (beta 0.8)", "hb-dpmpp-2m", {"momentum": 0.8}, 0),
+    ("iPNDM", "ipndm", {}, 0),
+    ("PLMS", "plms", {}, 1),
+    ("S-PNDM", "s-pndm", {}, 1),
+    ("F-PNDM", "f-pndm", {}, 9),
+    ("DDIM", "ddim", {}, 0),
+    ("DPM-Solver++(2M)", "dpmpp-2m", {}, 0),
+    ("UniPC", "unipc", {}, 0),
+    ("Euler", "euler", {}, 0),
+    ("PNDM (skip_prk, = PLMS)", "pndm", {}, 1),
+]
+MIN_STEPS = {"f-pndm": 4}
+REFERENCE = ("DPM-Solver++(2M)", "dpmpp-2m", 50)  # the converged samples each guidance scale is compared with
+
+
+def _build(name: str, overrides: dict, config: dict) -> Any:
+    """Scheduler ``name`` from the teacher's config, with ``overrides`` (e.g. GHVB's order and momentum)."""
+    from fastdiff.sampling import make_scheduler
+
+    scheduler = make_scheduler(name, config)
+    return type(scheduler).from_config(scheduler.config, **overrides) if overrides else scheduler
+
+
+def _source(name: str) -> str:
+    from fastdiff.sampling import FASTDIFF_SCHEDULERS
+
+    return "fastdiff" if name in FASTDIFF_SCHEDULERS else "diffusers"
+
+
+def _divergence(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    peak, ref_peak = images.abs().flatten(1).amax(1), reference.abs().flatten(1).amax(1)
+    return float((peak > 1.5).float().mean()), float((peak > torch.clamp(2 * ref_peak, min=1.5)).float().mean())
+
+
+def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int | None = None) -> dict:
+    """The whole sampler benchmark (see the module docstring); returns the JSON record."""
+    from tqdm.auto import tqdm
+
+    from fastdiff.bench import bench_samplers_oracle, machine
+    from fastdiff.evaluation import load_source, source_features
+    from fastdiff.extractors import load_extractor
+    from fastdiff.metrics import FeatureSet, extract_features, fid
+    from fastdiff.pipelines import load_pipeline
+    from fastdiff.quickstart import teacher_path
+    from fastdiff.sampling import sample_pipeline
+
+    n = num_samples or (8 if quick else 250)
+    guidances, nfes = ((1.0, 6.0), (6, 15)) if quick else ((1.0, 3.0, 6.0, 10.0), (4, 6, 8, 10, 15, 20))
+    pipe = load_pipeline(teacher_path("fashion-mnist"))
+    base = dict(pipe.scheduler.config)
+    extractor = load_extractor("fashion-mnist")
+    test = source_features(load_source("fashion-mnist:test", 1), extractor, progress=progress)
+
+    def features(images):  # of the images users see: clipped to [-1, 1]
+        return FeatureSet.from_features(extract_features(extractor, images.clamp(-1, 1)))
+
+    runs = [(entry, nfe) for entry in SAMPLER_ENTRIES for nfe in nfes if nfe - entry[3] >= MIN_STEPS.get(entry[1], 1)]
+    bar = tqdm(total=(len(runs) + 1) * len(guidances), desc="samplers", disable=not progress)
+    rows, references = [], {}
+    for g in guidances:
+        pipe.scheduler = _build(REFERENCE[1], {}, base)
+        ref = sample_pipeline(pipe, n, REFERENCE[2], g, seed=0)
+        ref_features = features(ref.images)
+        references[str(g)] = {"sampler": REFERENCE[0], "nfe": ref.nfe, "fid_test": fid(ref_features, test),
+                              "out_of_range": _divergence(ref.images, ref.images)[0]}  # fmt: skip
+        bar.update()
+        for (label, name, overrides, extra), nfe in runs:
+            pipe.scheduler = _build(name, overrides, base)
+            start = time.perf_counter()
+            s = sample_pipeline(pipe, n, nfe - extra, g, seed=0)
+            seconds = time.perf_counter() - start
+            feats = features(s.images)
+            out_of_range, diverged = _divergence(s.images, ref.images)
+            rows.append({
+                "sampler": label, "source": _source(name), "guidance": g, "nfe": s.nfe, "steps": nfe - extra,
+                "fid_test": fid(feats, test), "fid_converged": fid(feats, ref_features),
+                "rmse_to_converged": float((s.images - ref.images).flatten(1).pow(2).mean(1).sqrt().mean()),
+                "out_of_range": out_of_range, "diverged": diverged, "seconds": round(seconds, 2),
+            })  # fmt: skip
+            bar.update()
+    bar.close()
+    return {
+        "machine": machine(), "quick": quick, "teacher": "fashion-mnist", "num_samples": n, "guidance": list(guidances),
+        "nfe": list(nfes), "reference": references, "rows": rows, "overhead": scheduler_overhead(pipe, base, quick),
+        "oracle": bench_samplers_oracle(quick=quick, progress=progress),
+    }  # fmt: skip
+
+
+def scheduler_overhead(pipe: Any, config: dict, quick: bool = False, batch: int = 250, steps: int = 10) -> dict:
+    """Mean wall time of one ``scale_model_input`` + ``step`` on a batch of ``batch`` images, next to one teacher forward on the same
+    batch (median of repeats); the step receives a fixed random model output, so only the scheduler is timed."""
+    from fastdiff.denoisers import call_model
+
+    x = torch.randn(batch, *pipe.image_shape, generator=torch.Generator().manual_seed(0))
+    cond = {"class_labels": torch.arange(batch) % pipe.num_classes}
+    repeats = 2 if quick else 5
+    t0 = torch.full((batch,), 500)
+    with torch.no_grad():
+        call_model(pipe.model, x, t0, cond)  # warm-up
+        forward = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call_model(pipe.model, x, t0, cond)
+            forward.append(time.perf_counter() - start)
+    forward_s = sorted(forward)[len(forward) // 2]
+    out = {"batch": batch, "teacher_forward_ms": 1000 * forward_s, "rows": []}
+    seen = set()
+    for label, name, overrides, _ in SAMPLER_ENTRIES:
+        if name in seen:
+            continue
+        seen.add(name)
+        scheduler = _build(name, overrides, config)
+        times = []
+        for _ in range(repeats):
+            scheduler.set_timesteps(steps)
+            sample, model_output = x.clone(), torch.randn_like(x) * 0.1
+            start = time.perf_counter()
+            for t in scheduler.timesteps:
+                scheduler.scale_model_input(sample, t)
+                sample = scheduler.step(model_output, t, sample, return_dict=False)[0]
+            times.append((time.perf_counter() - start) / len(scheduler.timesteps))
+        step_s = sorted(times)[len(times) // 2]
+        out["rows"].append({"scheduler": type(scheduler).__name__, "name": name, "source": _source(name),
+                            "step_ms": 1000 * step_s, "ratio_to_forward": step_s / forward_s})  # fmt: skip
+    return out
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+
+
+def _cells(data: dict, g: float) -> dict[str, dict[int, dict]]:
+    table: dict[str, dict[int, dict]] = {}
+    for r in data["rows"]:
+        if r["guidance"] == g:
+            table.setdefault(r["sampler"], {})[round(r["nfe"])] = r
+    return table
+
+
+def targets(data: dict) -> dict:
+    """The issue's targets, evaluated on the JSON: high guidance / low NFE against diffusers, guidance 1, PLMS
+    divergence, scheduler overhead."""
+    high = [(g, k) for g in data["guidance"] if g >= 6 for k in data["nfe"] if k <= 10]
+    fast = sorted({r["sampler"] for r in data["rows"] if r["source"] == "fastdiff"})
+
+    def best(g, k, source):
+        rows = [r for r in data["rows"] if r["guidance"] == g and round(r["nfe"]) == k and r["source"] == source]
+        return min(rows, key=lambda r: r["fid_test"]) if rows else None
+
+    def mean_ratio(sampler):  # geometric mean of FID / best diffusers FID over the high-guidance cells
+        import math
+
+        ratios = [(_cells(data, g).get(sampler, {}).get(k), best(g, k, "diffusers")) for g, k in high]
+        ratios = [a["fid_test"] / b["fid_test"] for a, b in ratios if a and b]
+        return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("inf")
+
+    champion = min(fast, key=mean_ratio) if fast else None
+    cells = []
+    for g, k in high:
+        f, d = best(g, k, "fastdiff"), best(g, k, "diffusers")
+        c = _cells(data, g).get(champion, {}).get(k)
+        plms = [r for r in data["rows"] if r["guidance"] == g and round(r["nfe"]) == k and r["sampler"] in ("PLMS", "PNDM (skip_prk, = PLMS)")]
+        cells.append({"guidance": g, "nfe": k, "best_fastdiff": f["sampler"], "best_fastdiff_fid": f["fid_test"],
+                      "best_diffusers": d["sampler"], "best_diffusers_fid": d["fid_test"],
+                      "champion_fid": c["fid_test"] if c else None, "champion_diverged": c["diverged"] if c else None,
+                      "plms_diverged": max((r["diverged"] for r in plms), default=0.0)})  # fmt: skip
+    guidance1 = []
+    for k in data["nfe"]:
+        rows = [r for r in data["rows"] if r["guidance"] == 1.0 and round(r["nfe"]) == k]
+        if rows:
+            top = min(r["fid_test"] for r in rows)
+            c = _cells(data, 1.0).get(champion, {}).get(k)
+            guidance1.append({"nfe": k, "best_fid": top, "champion_fid": c["fid_test"] if c else None})
+    overhead = max((r["ratio_to_forward"] for r in data["overhead"]["rows"] if r["source"] == "fastdiff"), default=0.0)
+    return {"champion": champion, "high_guidance": cells, "guidance_1": guidance1, "max_fastdiff_overhead": overhead}
+
+
+def render_samplers(data: dict) -> list[str]:
+    from fastdiff.bench import _fmt, _render_samplers_oracle
+
+    n, ref = data["num_samples"], data["reference"]
+    lines = [
+        "## Samplers",
+        "",
+        f"All in one run of `fastdiff bench samplers`: the shipped Fashion-MNIST teacher, {n} images per cell with the same",
+        "per-image seeds everywhere, classifier-free guidance w; NFE = model evaluations per image (a guided call counts once;",
+        "PLMS/S-PNDM/PNDM spend one extra evaluation on their warm-up and F-PNDM nine, so they run fewer steps at equal NFE).",
+        "Each cell: **domain FID against the test split** / FID against the teacher's converged samples at the same guidance",
+        f"({ref[next(iter(ref))]['sampler']} at {ref[next(iter(ref))]['nfe']:g} NFE, same seeds); `†p%`: share of images that",
+        "diverged (peak |x| before clipping above max(1.5, twice the converged image's)). Lowest test FID per column in bold.",
+        "",
+        "![FID vs NFE per guidance scale](benchmarks/samplers_fid_vs_nfe.png)",
+        "",
+    ]
+    for g in data["guidance"]:
+        cells = _cells(data, g)
+        r0 = ref[str(g)]
+        lines += [f"**Guidance {g:g}** -- converged samples: test FID {_fmt(r0['fid_test'])}, out of [-1.5, 1.5] "
+                  f"before clipping: {r0['out_of_range']:.0%}", "",
+                  "| sampler | " + " | ".join(f"NFE {k}" for k in data["nfe"]) + " |",
+                  "|---|" + "---|" * len(data["nfe"])]  # fmt: skip
+        best = {k: min((c[k]["fid_test"] for c in cells.values() if k in c), default=None) for k in data["nfe"]}
+        for sampler, row in cells.items():
+            src = row[next(iter(row))]["source"]
+            parts = []
+            for k in data["nfe"]:
+                if k not in row:
+                    parts.append("-")
+                    continue
+                r = row[k]
+                text = f"{_fmt(r['fid_test'])} / {_fmt(r['fid_converged'])}" + (f" †{r['diverged']:.0%}" if r["diverged"] > 0 else "")
+                parts.append(f"**{text}**" if r["fid_test"] == best[k] else text)
+            lines.append(f"| {sampler} ({src}) | " + " | ".join(parts) + " |")
+        lines.append("")
+    lines += _render_targets(data)
+    ov = data["overhead"]
+    lines += ["", f"Per-step cost of each scheduler (batch {ov['batch']}, mean over a 10-step run) against one teacher forward "
+              f"on the same batch ({ov['teacher_forward_ms']:.0f} ms):", "", "| scheduler | source | ms per step | share of a forward |",
+              "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['scheduler']} | {r['source']} | {r['step_ms']:.2f} | {r['ratio_to_forward']:.2%} |" for r in ov["rows"]]
+    return lines + [""] + _render_samplers_oracle(data["oracle"])
+
+
+def _render_targets(data: dict) -> list[str]:
+    from fastdiff.bench import _fmt
+
+    t = targets(data)
+    hi = t["high_guidance"]
+    wins = sum(c["best_fastdiff_fid"] < c["best_diffusers_fid"] for c in hi)
+    champ_wins = sum(c["champion_fid"] is not None and c["champion_fid"] < c["best_diffusers_fid"] for c in hi)
+    plms_div = [c for c in hi if c["plms_diverged"] > 0]
+    safe = sum(c["champion_diverged"] == 0 for c in plms_div)
+    close = [c for c in t["guidance_1"] if c["champion_fid"] is not None and c["champion_fid"] <= 1.05 * c["best_fid"]]
+    lines = ["**Targets** (computed from this run):", "",
+             f"- guidance >= 6, NFE <= 10: the best fastdiff sampler of each cell beats every diffusers scheduler in {wins} of "
+             f"{len(hi)} cells; the best single fastdiff sampler over these cells, **{t['champion']}**, in {champ_wins} of {len(hi)}:",
+             ""]  # fmt: skip
+    lines += ["  | guidance | NFE | best fastdiff | best diffusers | " + f"{t['champion']} |", "  |---|---|---|---|---|"]
+    lines += [f"  | {c['guidance']:g} | {c['nfe']} | {c['best_fastdiff']} {_fmt(c['best_fastdiff_fid'])} | {c['best_diffusers']} "
+              f"{_fmt(c['best_diffusers_fid'])} | {_fmt(c['champion_fid']) if c['champion_fid'] is not None else '-'} |" for c in hi]  # fmt: skip
+    lines += ["",
+              f"- divergence: PLMS (fastdiff or diffusers) diverges in {len(plms_div)} of these cells; {t['champion']} has no "
+              f"diverged image in {safe} of them.",
+              f"- guidance 1: {t['champion']} within 5% of the best test FID at {len(close)} of {len(t['guidance_1'])} NFE budgets.",
+              f"- scheduler overhead: at most {t['max_fastdiff_overhead']:.2%} of a teacher forward for fastdiff's schedulers (target < 2%)."]  # fmt: skip
+    return lines
+
+
+def plot_samplers(data: dict, path: Path) -> Path:
+    """Test FID (top) and FID to the converged samples (bottom) against NFE, one column per guidance scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gs = data["guidance"]
+    fig, axes = plt.subplots(2, len(gs), figsize=(4 * len(gs), 7), dpi=110, squeeze=False)
+    for j, g in enumerate(gs):
+        for sampler, row in _cells(data, g).items():
+            pts = sorted((r["nfe"], r["fid_test"], r["fid_converged"]) for r in row.values())
+            style = "-" if row[next(iter(row))]["source"] == "fastdiff" else "--"
+            axes[0, j].plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=sampler)
+            axes[1, j].plot([p[0] for p in pts], [p[2] for p in pts], style, marker=".", label=sampler)
+        axes[0, j].axhline(data["reference"][str(g)]["fid_test"], color="gray", ls=":", label="converged (50 NFE)")
+        axes[0, j].set(title=f"guidance {g:g}", ylabel="FID vs test split", yscale="log")
+        axes[1, j].set(xlabel="NFE", ylabel="FID vs converged samples", yscale="log")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,234 @@
+"""Consistency recipes: iCT / iLCT from data and CD (LCM-style) from a teacher, run by :func:`fastdiff.trainer.train`.
+
+A :class:`DistillRecipe` (YAML in ``recipes/``) names the objective, data, student network, trainer settings and the
+evaluation; :func:`run_distill` builds them, trains (``--resume latest`` continues), evaluates the EMA student with
+the domain FID of 1- and 2-step samples, and saves it as a diffusers pipeline folder in ``output_dir/student``:
+iCT/iLCT students with diffusers' ``CMStochasticIterativeScheduler``, CD students with ``LCMScheduler`` -- both load
+back with ``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.config import to_dict
+from fastdiff.errors import InputError
+from fastdiff.teacher import DataConfig, ModelConfig, build_model
+from fastdiff.trainer import TrainerConfig, train
+
+__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "EvalConfig", "run_distill", "build_objective"]
+
+
+@dataclass
+class ConsistencyConfig:
+    """iCT / iLCT (``objective: ict`` or ``ilct``); iLCT recipes set ``loss: cauchy``, ``diffusion_weight: 5``, ``ot: true``."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    s0: int = 10
+    s1: int = 1280
+    loss: Literal["pseudo_huber", "cauchy"] = "pseudo_huber"
+    huber_c: float | None = None  # None: 0.00054 sqrt(d) (pseudo-Huber) / the adaptive c(N) (Cauchy)
+    diffusion_weight: float = 0.0
+    ot: bool = False
+    non_scaling_layernorm: bool = False
+    two_step_sigma: float = 0.821  # the intermediate noise level of 2-step sampling (iCT)
+
+
+@dataclass
+class DistillConfig:
+    """Consistency distillation (``objective: cd``) from a teacher pipeline folder."""
+
+    teacher: str = "assets/teachers/digits"
+    num_ddim_timesteps: int = 50
+    guidance_scale: float = 1.0
+    target_ema: float = 0.95
+    loss: Literal["l2", "pseudo_huber"] = "l2"
+    huber_c: float = 0.001
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 360
+    steps: tuple[int, ...] = (1, 2)
+    grid: int = 64  # images in the sample grid (0: none)
+
+
+@dataclass
+class DistillRecipe:
+    objective: Literal["ict", "ilct", "cd"] = "ict"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # iCT/iLCT; CD students copy the teacher
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    p_uncond: float = 0.1  # label dropout, for classifier-free guidance of the student
+    output_dir: str = "runs/ict"
+    expected: str = ""
+
+
+def _load_teacher(path: str):
+    from fastdiff.pipelines import ClassConditionalPipeline, load_pipeline
+
+    pipe = load_pipeline(path)
+    if not isinstance(pipe, ClassConditionalPipeline):
+        raise InputError(f"distill.teacher={path} is a {type(pipe).__name__}; expected a fastdiff class-conditional teacher folder")
+    return pipe
+
+
+def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
+    """The objective of ``recipe`` (its networks built or loaded), and the scheduler config the student ships with."""
+    from fastdiff.objectives.consistency import ConsistencyDistillation, ConsistencyTraining, non_scaling_layernorm
+    from fastdiff.schedules import VPSchedule
+
+    if recipe.objective in ("ict", "ilct"):
+        c = recipe.consistency
+        net = build_model(recipe.model, channels, size, num_classes)
+        if c.non_scaling_layernorm:
+            non_scaling_layernorm(net)
+        objective = ConsistencyTraining(
+            net, num_classes, recipe.trainer.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho,
+            p_mean=c.p_mean, p_std=c.p_std, s0=c.s0, s1=c.s1, loss=c.loss, huber_c=c.huber_c, diffusion_weight=c.diffusion_weight,
+            ot=c.ot, p_uncond=recipe.p_uncond,
+        )  # fmt: skip
+        return objective, _cm_scheduler(c)
+    d = recipe.distill
+    pipe = _load_teacher(d.teacher)
+    shape = pipe.image_shape
+    if shape != (channels, size, size) or pipe.num_classes != num_classes:
+        raise InputError(f"teacher {d.teacher} makes {shape} images with {pipe.num_classes} classes, but data "
+                         f"{recipe.data.name} has {(channels, size, size)} with {num_classes}")  # fmt: skip
+    config = dict(pipe.scheduler.config)
+    objective = ConsistencyDistillation(
+        pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
+        num_ddim_timesteps=d.num_ddim_timesteps, guidance_scale=d.guidance_scale, target_ema=d.target_ema, loss=d.loss,
+        huber_c=d.huber_c, p_uncond=recipe.p_uncond,
+    )  # fmt: skip
+    return objective, _lcm_scheduler(config, d.num_ddim_timesteps)
+
+
+def _cm_scheduler(c: ConsistencyConfig):
+    from diffusers import CMStochasticIterativeScheduler
+
+    return CMStochasticIterativeScheduler(sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho)
+
+
+def _lcm_scheduler(teacher_config: dict, original_steps: int):
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(teacher_config, original_inference_steps=original_steps, timestep_spacing="trailing")
+
+
+def student_pipeline(net: nn.Module, scheduler: Any):
+    from fastdiff.pipelines import ClassConditionalPipeline
+
+    key = "unet" if "UNet" in type(net).__name__ else "transformer"
+    pipe = ClassConditionalPipeline(scheduler=scheduler, **{key: net})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int, steps: int, seed: int = 0) -> Tensor:
+    """``n`` class-balanced samples of ``steps`` model evaluations: the consistency sampler at iCT's levels for
+    iCT/iLCT students (``sigma_max``, then ``two_step_sigma``), the pipeline with ``LCMScheduler`` for CD."""
+    from fastdiff.denoisers import consistency_precond
+    from fastdiff.samplers import sample_consistency
+    from fastdiff.sampling import sample_pipeline
+
+    pipe = student_pipeline(net, scheduler)
+    if recipe.objective == "cd":
+        return sample_pipeline(pipe, n, steps, 1.0, seed).images
+    c = recipe.consistency
+    levels = {1: [c.sigma_max], 2: [c.sigma_max, c.two_step_sigma]}.get(steps) or \
+        torch.exp(torch.linspace(torch.tensor(c.sigma_max).log(), torch.tensor(c.sigma_min * 10).log(), steps)).tolist()
+    sigmas = torch.tensor([*levels, 0.0])
+    f = consistency_precond(net, c.sigma_min, c.sigma_data, noise_scale=1000.0)
+    labels = torch.arange(n) % pipe.num_classes
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *pipe.image_shape, generator=gen) * c.sigma_max
+    with torch.no_grad():
+        return torch.cat([sample_consistency(f, x[i : i + 256], sigmas, {"class_labels": labels[i : i + 256]}, generator=gen,
+                                             sigma_min=c.sigma_min) for i in range(0, n, 256)])  # fmt: skip
+
+
+def _evaluator(recipe: DistillRecipe, scheduler: Any):
+    from fastdiff.evaluation import load_source, source_features
+    from fastdiff.extractors import load_extractor
+    from fastdiff.quickstart import fid_of_samples
+
+    name = recipe.data.name
+    if name not in ("digits", "fashion-mnist"):
+        extractor = reference = None
+    else:
+        extractor = load_extractor(name)
+        reference = source_features(load_source(f"{name}:test", 1), extractor)
+
+    def evaluate(net: nn.Module, step: int) -> tuple[dict[str, float], Tensor | None]:
+        metrics, grid = {}, None
+        net.eval()
+        for steps in recipe.eval.steps:
+            images = sample_student(recipe, net, scheduler, recipe.eval.num_samples, steps)
+            if extractor is not None:
+                metrics[f"fid_{steps}step"] = fid_of_samples(images, extractor, reference)
+            if grid is None and recipe.eval.grid:
+                grid = images[: recipe.eval.grid].clamp(-1, 1)
+        return metrics, grid
+
+    return evaluate
+
+
+def run_distill(recipe: DistillRecipe, resume: str | None = None, progress: bool = True) -> Path:
+    """Train ``recipe`` and save the EMA student to ``output_dir/student``; returns that folder."""
+    from fastdiff.data import load_dataset
+
+    out = Path(recipe.output_dir)
+    student_dir = out / "student"
+    if student_dir.exists():
+        raise InputError(f"{student_dir} already exists; remove it or pass --set output_dir=NEW_DIR")
+    torch.manual_seed(recipe.trainer.seed)  # the student's initial weights
+    d = recipe.data
+    data = load_dataset(d.name, "train", d.root, d.size, d.channels, labels=True)
+    if data.data.ndim != 4 or data.num_classes < 1:
+        raise InputError(f"{d.name}: consistency recipes need labelled images (N, C, H, W); got {tuple(data.data.shape)}")
+    channels, size = data.data.shape[1], data.data.shape[2]
+    objective, scheduler = build_objective(recipe, channels, size, data.num_classes)
+    fingerprint = {k: v for k, v in to_dict(recipe).items() if k not in ("expected",)}
+    fingerprint["trainer"] = {k: v for k, v in fingerprint["trainer"].items() if k not in ("steps", "eval_every", "log_every")}
+    start = time.time()
+    ema_net, record = train(objective, data.data, data.labels, recipe.trainer, out, fingerprint, _evaluator(recipe, scheduler),
+                            resume=resume, progress=progress)  # fmt: skip
+    if record["is_main_process"]:
+        _save_student(recipe, ema_net, scheduler, out, record, time.time() - start)
+    return student_dir
+
+
+def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out: Path, record: dict, seconds: float) -> None:
+    """The pipeline folder (safetensors + training.json), written to ``student.tmp`` and renamed."""
+    import shutil
+
+    from fastdiff.pipelines import save_teacher
+
+    tmp, student_dir = out / "student.tmp", out / "student"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_teacher(student_pipeline(ema_net.cpu(), scheduler), tmp)
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] if (out / "eval.jsonl").is_file() else []
+    (tmp / "training.json").write_text(json.dumps({
+        "recipe": to_dict(recipe), "command": " ".join(sys.argv), "steps": recipe.trainer.steps, "resumed_from_step": record["start_step"],
+        "num_processes": record["num_processes"], "wall_minutes_this_run": round(seconds / 60, 2),
+        "final_eval": evals[-1] if evals else None, "parameters": sum(p.numel() for p in ema_net.parameters()),
+        "history": record["history"][-20:], "torch": torch.__version__,
+    }, indent=2) + "\n")  # fmt: skip
+    tmp.rename(student_dir)

@@ -1,0 +1,267 @@
+"""Consistency training and distillation.
+
+* :class:`ConsistencyTraining` -- iCT (Song & Dhariwal, ICLR 2024) and, with its switches, iLCT / sLCT (Dao et al.,
+  ICLR 2025): the network is its own stop-gradient teacher (no EMA target), adjacent levels of a Karras grid whose
+  size doubles (10 -> 1280), discretised lognormal level sampling, weighting ``1 / (sigma_{i+1} - sigma_i)``,
+  pseudo-Huber on the whole-sample norm (iCT) or Cauchy with the adaptive ``c(N)`` (iLCT), a diffusion loss on the
+  lowest-noise quarter, minibatch optimal-transport pairing of noise and data, dropout masks shared by both passes.
+  The student is ``f(x, sigma) = c_skip x + c_out F(c_in x, 250 ln sigma)`` with ``f(x, sigma_min) = x`` exactly --
+  the convention of diffusers' ``CMStochasticIterativeScheduler``, which therefore samples the saved students.
+* :class:`ConsistencyDistillation` -- CD / LCM (Luo et al. 2023) from a discrete-time (VP) teacher users already have:
+  the student starts as a copy of the teacher, keeps its input and output convention and adds LCM's boundary
+  scalings, so diffusers' ``LCMScheduler`` samples it; the target is one DDIM step of the (guided) teacher on the
+  ``k``-skipped grid, evaluated by an EMA copy of the student.
+
+Grids here are ascending: index 0 is ``sigma_min`` (the reference notes' index-direction trap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.denoisers import call_model, consistency_precond
+from fastdiff.errors import InputError
+from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
+from fastdiff.objectives.losses import cauchy, ict_huber_c, pseudo_huber, squared_l2
+from fastdiff.param import lcm_scalings, x0_from_output
+
+__all__ = [
+    "karras_levels", "ict_num_levels", "lognormal_level_probs", "lct_cauchy_c", "ot_pairing", "ConsistencyTraining",
+    "ConsistencyDistillation", "non_scaling_layernorm",
+]  # fmt: skip
+
+
+def karras_levels(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """``n`` noise levels of the Karras grid, **ascending** (index 0 = sigma_min), float64."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+def ict_num_levels(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's doubling curriculum (sec. 3.4): ``N(k) = min(s0 2^floor(k / K'), s1) + 1``,
+    ``K' = floor(K / (log2 floor(s1 / s0) + 1))`` -- 11, 21, 41, ..., 1281 levels."""
+    stage_len = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (step // stage_len), s1) + 1
+
+
+def lognormal_level_probs(levels: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """iCT's discretised lognormal over the pairs ``(i, i + 1)`` of an ascending grid (eq. 11):
+    ``p(i) ~ erf((ln s_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((ln s_i - P_mean) / (sqrt 2 P_std))``."""
+    cdf = torch.erf((levels.log() - p_mean) / (math.sqrt(2) * p_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+def lct_cauchy_c(num_levels: int, s0: int = 10, c0: float = 0.0346) -> float:
+    """iLCT's adaptive Cauchy scale: ``c0`` on the first stage, then ``exp(-1.15 ln(N - 1) - 0.85)``."""
+    return c0 if num_levels <= s0 + 1 else math.exp(-1.15 * math.log(num_levels - 1) - 0.85)
+
+
+def ot_pairing(x: Tensor, noise: Tensor) -> Tensor:
+    """Minibatch optimal transport (iLCT): the permutation of ``noise`` minimising ``sum ||x_i - noise_pi(i)||^2``."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x.flatten(1).double(), noise.flatten(1).double()).pow(2)
+    _, cols = linear_sum_assignment(cost.cpu().numpy())
+    return noise[torch.as_tensor(cols, device=noise.device)]
+
+
+def non_scaling_layernorm(model: nn.Module) -> int:
+    """iLCT's non-scaling LayerNorm: fix every affine LayerNorm's scale to 1 (bias stays trainable). Returns how many
+    LayerNorms were changed (0 for models whose norms have no affine scale, like diffusers' DiT with adaLN-Zero)."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.fill_(1.0)
+            m.weight.requires_grad_(False)
+            changed += 1
+    return changed
+
+
+@contextlib.contextmanager
+def _same_dropout(seed: int, device: torch.device):
+    """Run a block with the global RNG (CPU and, when used, the accelerator) seeded by ``seed``, restoring it after:
+    both branches of a consistency loss then draw the same dropout masks."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _drop_labels(labels: Tensor, seeds: Tensor, p_uncond: float, null: int) -> Tensor:
+    drop = per_sample_rand(seeds, 2, labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
+def _view(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+class ConsistencyTraining(Objective):
+    """iCT (``loss="pseudo_huber"``) and iLCT (``loss="cauchy"``, ``diffusion_weight=5``, ``ot=True``) from data.
+
+    Args:
+        net: the raw network ``F`` (a diffusers model), conditioned on ``250 ln sigma``.
+        num_classes: real classes; label ``num_classes`` is the null label (dropped with ``p_uncond``).
+        total_steps: training steps, for the curriculum.
+        huber_c: pseudo-Huber ``c``; ``None`` = ``0.00054 sqrt(d)``. For Cauchy, ``None`` = the adaptive ``c(N)``.
+    """
+
+    phases = ("student",)
+
+    def __init__(self, net: nn.Module, num_classes: int, total_steps: int, *, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0, p_mean: float = -1.1,
+                 p_std: float = 2.0, s0: int = 10, s1: int = 1280, loss: str = "pseudo_huber", huber_c: float | None = None,
+                 diffusion_weight: float = 0.0, ot: bool = False, p_uncond: float = 0.1):  # fmt: skip
+        super().__init__()
+        if loss not in ("pseudo_huber", "cauchy"):
+            raise InputError(f"consistency loss must be 'pseudo_huber' or 'cauchy'; got {loss!r}")
+        self.student = consistency_precond(net, sigma_min, sigma_data, noise_scale=1000.0)  # registers net once
+        self.num_classes, self.total_steps, self.loss_kind = num_classes, total_steps, loss
+        self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+        self.p_mean, self.p_std, self.s0, self.s1 = p_mean, p_std, s0, s1
+        self.sigma_data, self.huber_c, self.diffusion_weight, self.ot, self.p_uncond = sigma_data, huber_c, diffusion_weight, ot, p_uncond
+
+    @property
+    def net(self) -> nn.Module:
+        return self.student.net
+
+    def parameters_for(self, phase: str) -> Iterable[nn.Parameter]:
+        return (p for p in self.net.parameters() if p.requires_grad)
+
+    def export(self) -> nn.Module:
+        return self.net
+
+    def levels(self, step: int) -> Tensor:
+        return karras_levels(ict_num_levels(step, self.total_steps, self.s0, self.s1), **self.grid)
+
+    def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
+        x, seeds = batch["x"], batch["seeds"]
+        levels = self.levels(step).to(x.device)
+        n = len(levels)
+        probs = lognormal_level_probs(levels, self.p_mean, self.p_std)
+        u = per_sample_rand(seeds, 0, x.device)
+        i = torch.searchsorted(probs.cumsum(0), u.to(probs.dtype), right=True).clamp(max=n - 2)
+        z = per_sample_randn(x, seeds, 1)
+        if self.ot:
+            z = ot_pairing(x, z)
+        labels = _drop_labels(batch["labels"], seeds, self.p_uncond, self.num_classes)
+        sigma, sigma_next = levels[i], levels[i + 1]
+        dropout_seed = int(seeds[0]) % (2**62)
+        with _same_dropout(dropout_seed, x.device):
+            student = self.student(x + _view(sigma_next, x) * z, sigma_next.to(x.dtype), class_labels=labels)
+        with _same_dropout(dropout_seed, x.device), torch.no_grad():
+            target = self.student(x + _view(sigma, x) * z, sigma.to(x.dtype), class_labels=labels)
+        weight = (1 / (sigma_next - sigma)).to(x.dtype)
+        if self.loss_kind == "pseudo_huber":
+            c = self.huber_c if self.huber_c is not None else ict_huber_c(x[0].numel())
+            distance = pseudo_huber(student.float(), target.float(), c)
+        else:
+            c = self.huber_c if self.huber_c is not None else lct_cauchy_c(n, self.s0)
+            distance = cauchy(student.float(), target.float(), c)
+        terms = {"consistency": (weight * distance).mean()}
+        if self.diffusion_weight > 0:  # the lowest-noise quarter of the levels (sLCT: index >= 0.75 N from sigma_max)
+            low = (i < 0.25 * n).to(x.dtype)
+            lam = 1 / sigma_next.to(x.dtype) ** 2 + 1 / self.sigma_data**2
+            per_sample = lam * squared_l2(student.float(), x.float()) / x[0].numel()
+            terms["diffusion"] = self.diffusion_weight * (low * per_sample).mean()
+        return LossOutput(terms, {"num_levels": n, "c": c, "mean_sigma": float(sigma_next.mean())})
+
+
+class ConsistencyDistillation(Objective):
+    """Consistency distillation (CD with a DDIM teacher step, LCM-style) from a discrete-time teacher.
+
+    Args:
+        teacher: the teacher's network (frozen here); ``schedule`` its :class:`~fastdiff.schedules.VPSchedule` and
+            ``prediction_type`` its output.
+        num_classes: real classes (label ``num_classes`` = null, used for the teacher's guidance).
+        num_ddim_timesteps: the skipping grid (LCM: 50 -> k = 20 training timesteps per jump).
+        guidance_scale: the teacher's classifier-free guidance ``w`` (``D_u + w (D_c - D_u)``); 1 = none.
+        target_ema: decay of the target network (LCM: 0.95; 0 = the student itself under stop-gradient).
+    """
+
+    phases = ("student",)
+
+    def __init__(self, teacher: nn.Module, schedule, prediction_type: str, num_classes: int, *,
+                 num_ddim_timesteps: int = 50, guidance_scale: float = 1.0, target_ema: float = 0.95,
+                 loss: str = "l2", huber_c: float = 0.001, timestep_scaling: float = 10.0, p_uncond: float = 0.0):  # fmt: skip
+        super().__init__()
+        if loss not in ("l2", "pseudo_huber"):
+            raise InputError(f"distillation loss must be 'l2' or 'pseudo_huber'; got {loss!r}")
+        if schedule.num_train_timesteps % num_ddim_timesteps:
+            raise InputError(f"num_ddim_timesteps={num_ddim_timesteps} must divide the teacher's {schedule.num_train_timesteps} timesteps")
+        self.teacher = teacher.requires_grad_(False)
+        self.net = copy.deepcopy(teacher).requires_grad_(True)
+        self.target = copy.deepcopy(teacher).requires_grad_(False)
+        self.schedule, self.prediction_type, self.num_classes = schedule, prediction_type, num_classes
+        self.k = schedule.num_train_timesteps // num_ddim_timesteps
+        self.guidance_scale, self.target_ema, self.loss_kind, self.huber_c = guidance_scale, target_ema, loss, huber_c
+        self.timestep_scaling, self.p_uncond = timestep_scaling, p_uncond
+
+    def parameters_for(self, phase: str) -> Iterable[nn.Parameter]:
+        return self.net.parameters()
+
+    def export(self) -> nn.Module:
+        return self.net
+
+    def _x0(self, model: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        abar = self.schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
+        alpha, beta = _view(abar.sqrt(), x_t), _view((1 - abar).sqrt(), x_t)
+        return x0_from_output(call_model(model, x_t, t, {"class_labels": labels}), x_t, alpha, beta, self.prediction_type), alpha, beta
+
+    def consistency_fn(self, model: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        """LCM's ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)`` (the form ``LCMScheduler.step`` applies)."""
+        x0, _, _ = self._x0(model, x_t, t, labels)
+        c = lcm_scalings(t.to(x_t.dtype), self.timestep_scaling)
+        return _view(c.c_skip, x_t) * x_t + _view(c.c_out, x_t) * x0
+
+    @torch.no_grad()
+    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, labels: Tensor) -> Tensor:
+        """One DDIM step of the guided teacher from ``t`` to ``t_prev`` (``t_prev = -1``: to the clean sample)."""
+        w = self.guidance_scale
+        if w != 1.0:
+            null = torch.full_like(labels, self.num_classes)
+            x0_2, alpha, beta = self._x0(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, labels]))
+            x0_u, x0_c = x0_2.chunk(2)
+            x0, alpha, beta = x0_u + w * (x0_c - x0_u), alpha.chunk(2)[0], beta.chunk(2)[0]
+        else:
+            x0, alpha, beta = self._x0(self.teacher, x_t, t, labels)
+        eps = (x_t - alpha * x0) / beta
+        abar_prev = torch.where(t_prev >= 0, self.schedule.alphas_cumprod.to(x_t.device)[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float64))
+        abar_prev = _view(abar_prev.to(x_t.dtype), x_t)
+        return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+
+    def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
+        x, seeds = batch["x"], batch["seeds"]
+        labels = _drop_labels(batch["labels"], seeds, self.p_uncond, self.num_classes)
+        n_ddim = self.schedule.num_train_timesteps // self.k
+        j = (per_sample_rand(seeds, 0, x.device) * n_ddim).long().clamp(max=n_ddim - 1) + 1  # 1..n_ddim
+        t = j * self.k - 1  # 19, 39, ..., 999
+        t_prev = t - self.k  # -1 for the first jump: to the clean sample
+        noise = per_sample_randn(x, seeds, 1)
+        abar = _view(self.schedule.alphas_cumprod.to(x.device)[t].to(x.dtype), x)
+        x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+        x_prev = self._teacher_ddim(x_t, t, t_prev, labels)
+        student = self.consistency_fn(self.net, x_t, t, labels)
+        with torch.no_grad():
+            clean = t_prev < 0
+            target = self.consistency_fn(self.target, x_prev, t_prev.clamp(min=0), labels)
+            target = torch.where(_view(clean, x).bool(), x_prev, target)  # f(x, 0) = x: the boundary, exactly
+        if self.loss_kind == "l2":
+            distance = (student.float() - target.float()).flatten(1).pow(2).mean(1)
+        else:
+            distance = pseudo_huber(student.float(), target.float(), self.huber_c)
+        return LossOutput({"distillation": distance.mean()}, {"mean_t": float(t.float().mean())})
+
+    @torch.no_grad()
+    def after_step(self, phase: str) -> None:
+        """Move the target towards the student (LCM's EMA target)."""
+        for e, p in zip(self.target.parameters(), self.net.parameters()):
+            e.lerp_(p.detach(), 1 - self.target_ema)

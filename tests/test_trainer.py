@@ -1,0 +1,152 @@
+"""The trainer: resume after SIGKILL reproduces the uninterrupted run bit for bit, corrupt checkpoints are skipped,
+a NaN stops the run naming the term and the last good checkpoint, 2-process torchrun gives the losses of one
+process, and bad input gets clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastdiff.config import load_config
+from fastdiff.distill import DistillRecipe, build_objective, run_distill
+from fastdiff.errors import InputError
+from fastdiff.trainer import TrainerConfig, TrainingStopped, find_checkpoint, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _recipe(tmp_path: Path, name: str = "r.yaml", **trainer) -> Path:
+    recipe = {
+        "objective": "ict", "output_dir": str(tmp_path / "run"), "data": {"name": "digits"},
+        "model": {"kind": "unet", "block_out_channels": [16, 32], "attention": False},
+        "trainer": {"steps": 12, "batch_size": 32, "checkpoint_every": 4, "log_every": 1, "tracker": "none", "ema_decay": 0.9,
+                    "optim": {"lr": 1e-3}, **trainer},
+        "eval": {"num_samples": 20, "steps": [], "grid": 0},
+    }  # fmt: skip
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "fastdiff.cli", "train", *map(str, args), "--no-progress"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(next(folder.glob("student/unet/*.safetensors")))
+
+
+def test_resume_after_sigkill_is_bitwise(tmp_path):
+    recipe = _recipe(tmp_path, steps=60, checkpoint_every=10)
+    full = _cli(recipe, "--set", f"output_dir={tmp_path / 'full'}")
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    run = tmp_path / "killed"
+    proc = _cli(recipe, "--set", f"output_dir={run}")
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_00000020").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "student").exists()
+    resumed = _cli(recipe, "--set", f"output_dir={run}", "--resume", "latest")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a, b = _weights(tmp_path / "full"), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_run(tmp_path, steps=10, objective_wrapper=None, resume=None, **trainer):
+    recipe = load_config(DistillRecipe, _recipe(tmp_path, steps=steps, **trainer))
+    from fastdiff.data import load_digits
+
+    data = load_digits("train")
+    torch.manual_seed(0)
+    objective, _ = build_objective(recipe, 1, 8, data.num_classes)
+    if objective_wrapper:
+        objective_wrapper(objective)
+    return train(objective, data.data, data.labels, recipe.trainer, tmp_path / "run", {"recipe": "tiny"}, resume=resume, progress=False)
+
+
+def test_corrupt_and_incomplete_checkpoints_are_skipped(tmp_path):
+    _tiny_run(tmp_path, steps=13)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000008", "step_00000012"]  # retention: keep 2
+    weights = ckpts / "step_00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    messages = []
+    assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest", log=messages.append) == ckpts / "step_00000008"
+    assert "model.safetensors is corrupt" in messages[0]
+    (ckpts / "step_00000008" / "fastdiff_checkpoint.json").unlink()
+    assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest", log=messages.append) is None
+    assert "no readable manifest" in messages[2]
+    with pytest.raises(InputError, match="different recipe"):
+        (ckpts / "step_00000012" / "model.safetensors").write_bytes(b"")
+        find_checkpoint(ckpts, {"recipe": "other"}, "latest")
+
+
+def test_nan_stops_with_step_term_and_checkpoint(tmp_path):
+    def inject(objective):
+        forward = objective.forward
+
+        def poisoned(batch, phase, step):
+            out = forward(batch, phase, step)
+            if step == 5:
+                out.terms["consistency"] = out.terms["consistency"] * float("nan")
+            return out
+
+        objective.forward = poisoned
+
+    with pytest.raises(TrainingStopped, match=r"step 5: loss term 'consistency' of phase 'student' is nan.*step_00000004"):
+        _tiny_run(tmp_path, objective_wrapper=inject)
+
+
+def test_bad_input(tmp_path):
+    _tiny_run(tmp_path, steps=5)
+    with pytest.raises(InputError, match="already holds checkpoints; pass --resume latest"):
+        _tiny_run(tmp_path, steps=5)
+    with pytest.raises(InputError, match="batch_size=3 must be divisible by trainer.grad_accum=2"):
+        _tiny_run(tmp_path / "b", batch_size=3, grad_accum=2)
+    with pytest.raises(InputError, match="unknown key 'trainer.optim.learning_rate'"):
+        load_config(DistillRecipe, _recipe(tmp_path), ["trainer.optim.learning_rate=1"])
+    recipe = load_config(DistillRecipe, _recipe(tmp_path), ["objective=cd", f"distill.teacher={tmp_path}"])
+    with pytest.raises(InputError, match="not a diffusers pipeline folder"):
+        run_distill(recipe, progress=False)
+    recipe = load_config(DistillRecipe, _recipe(tmp_path), ["objective=cd", "distill.teacher=assets/teachers/fashion-mnist"])
+    with pytest.raises(InputError, match=r"makes \(1, 28, 28\) images .* but data digits has \(1, 8, 8\)"):
+        run_distill(recipe, progress=False)
+
+
+def test_grad_accumulation_gives_the_same_losses(tmp_path):
+    _, one = _tiny_run(tmp_path / "a", steps=3)
+    _, two = _tiny_run(tmp_path / "b", steps=3, grad_accum=2)
+    for x, y in zip(one["history"], two["history"]):
+        assert x["loss/student/consistency"] == pytest.approx(y["loss/student/consistency"], rel=1e-4)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """Same global batch over 2 gloo processes: the same losses as 1 process (float tolerance)."""
+    recipe = _recipe(tmp_path, steps=4, checkpoint_every=100)
+    one = _cli(recipe, "--set", f"output_dir={tmp_path / 'one'}")
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "scripts/train.py",
+           str(recipe), "--set", f"output_dir={tmp_path / 'two'}", "--no-progress"]  # fmt: skip
+    two = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    records = [json.loads((tmp_path / run / "student" / "training.json").read_text()) for run in ("one", "two")]
+    assert records[1]["num_processes"] == 2
+    for x, y in zip(records[0]["history"], records[1]["history"]):
+        assert x["loss/student/consistency"] == pytest.approx(y["loss/student/consistency"], rel=1e-4)
