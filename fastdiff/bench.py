@@ -245,9 +245,15 @@ def _plot_samplers(data: dict, path: Path) -> Path:
     return plot_samplers(data, path)
 
 
-RENDERERS: dict[str, Callable[[dict], list[str]]] = {"teachers": _render_teachers, "samplers": _render_samplers}
+def _render_distill(data: dict) -> list[str]:
+    from fastdiff.bench_distill import render_distill
+
+    return render_distill(data)
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {"teachers": _render_teachers, "samplers": _render_samplers, "distill": _render_distill}
 PLOTS: dict[str, tuple[str, Callable[[dict, Path], Path]]] = {"samplers": ("samplers_fid_vs_nfe.png", _plot_samplers)}
-COMMANDS = {"teachers": "fastdiff bench teachers", "samplers": "fastdiff bench samplers"}
+COMMANDS = {"teachers": "fastdiff bench teachers", "samplers": "fastdiff bench samplers", "distill": "fastdiff bench distill"}
 
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -291,9 +297,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_bench(name: str, quick: bool, progress: bool = True) -> Path:
     """Run benchmark ``name``, write its JSON and regenerate the report."""
+    from fastdiff.bench_distill import bench_distill
     from fastdiff.bench_samplers import bench_samplers
 
-    runners = {"teachers": bench_teachers, "samplers": bench_samplers}
+    runners = {"teachers": bench_teachers, "samplers": bench_samplers, "distill": bench_distill}
     data = runners[name](quick=quick, progress=progress)
     BENCH_DIR.mkdir(exist_ok=True)
     path = BENCH_DIR / f"{name}{'-quick' if quick else ''}.json"

@@ -76,8 +76,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Run a training recipe (YAML) with dotted overrides: a teacher (``objective: denoising``) or a consistency
-    student (``objective: ict | ilct | cd``)."""
+    """Run a training recipe (YAML) with dotted overrides: a teacher (``objective: denoising``), a consistency
+    student (``objective: ict | ilct | cd``) or an LCM-LoRA adapter (``objective: lcm-lora``)."""
     from fastdiff.config import load_config, recipe_objective
     from fastdiff.distill import DistillRecipe, run_distill
     from fastdiff.teacher import TeacherRecipe, train_teacher
@@ -89,8 +89,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         recipe = load_config(TeacherRecipe, args.recipe, args.set)
         print(f"saved {train_teacher(recipe, progress=not args.no_progress)}")
         return
-    recipe = load_config(DistillRecipe, args.recipe, args.set)
     try:
+        if recipe_objective(args.recipe) == "lcm-lora":
+            from fastdiff.lcm_lora import LCMLoRARecipe, run_lcm_lora
+
+            print(f"saved {run_lcm_lora(load_config(LCMLoRARecipe, args.recipe, args.set), args.resume, not args.no_progress)}")
+            return
+        recipe = load_config(DistillRecipe, args.recipe, args.set)
         print(f"saved {run_distill(recipe, resume=args.resume, progress=not args.no_progress)}")
     except TrainingStopped as err:
         print(f"fastdiff train: stopped: {err}", file=sys.stderr)
@@ -308,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md")
-    p.add_argument("name", choices=("teachers", "samplers", "report"),
+    p.add_argument("name", choices=("teachers", "samplers", "distill", "report"),
                    help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
-                        "Gaussian-mixture oracle, scheduler overhead); report: only regenerate BENCHMARKS.md")  # fmt: skip
+                        "Gaussian-mixture oracle, scheduler overhead); distill: consistency students vs their teacher and the "
+                        "trainer's overhead; report: only regenerate BENCHMARKS.md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)

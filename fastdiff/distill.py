@@ -81,8 +81,12 @@ class DistillRecipe:
 
 
 def _load_teacher(path: str):
+    """The teacher folder: ``path`` as given, or relative to the fastdiff checkout (``assets/teachers/...``)."""
+    from fastdiff.extractors import ASSETS
     from fastdiff.pipelines import ClassConditionalPipeline, load_pipeline
 
+    if not Path(path).exists() and (ASSETS.parent / path).exists():
+        path = str(ASSETS.parent / path)
     pipe = load_pipeline(path)
     if not isinstance(pipe, ClassConditionalPipeline):
         raise InputError(f"distill.teacher={path} is a {type(pipe).__name__}; expected a fastdiff class-conditional teacher folder")
@@ -127,9 +131,14 @@ def _cm_scheduler(c: ConsistencyConfig):
 
 
 def _lcm_scheduler(teacher_config: dict, original_steps: int):
+    """diffusers' ``LCMScheduler`` on the teacher's noise schedule and prediction type."""
+    import inspect
+
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(teacher_config, original_inference_steps=original_steps, timestep_spacing="trailing")
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    config = {k: v for k, v in teacher_config.items() if k in accepted}  # DDPM-only keys would warn
+    return LCMScheduler(**{**config, "original_inference_steps": original_steps, "timestep_spacing": "trailing"})
 
 
 def student_pipeline(net: nn.Module, scheduler: Any):

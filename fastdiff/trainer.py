@@ -11,10 +11,8 @@ bar, periodic evaluation and sample grids.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +22,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fastdiff.checkpoints import MANIFEST, find_checkpoint, latest_good, save_checkpoint
 from fastdiff.ema import EMA, decay_from_half_life
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import Objective
 
-__all__ = ["OptimConfig", "TrainerConfig", "TrainingStopped", "train", "find_checkpoint", "MANIFEST"]
-
-MANIFEST = "fastdiff_checkpoint.json"
+__all__ = ["OptimConfig", "TrainerConfig", "TrainingStopped", "train", "find_checkpoint"]
 
 
 @dataclass
@@ -117,7 +114,7 @@ def train(objective: Objective, images: Tensor, labels: Tensor, cfg: TrainerConf
         accelerator.init_trackers(out.name, config=_flat(fingerprint))
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
     history: list[dict] = []
-    last_ckpt = _latest_good(ckpt_dir, fingerprint)
+    last_ckpt = latest_good(ckpt_dir, fingerprint)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accelerator.is_main_process)
     tick = time.perf_counter()
     for step in bar:
@@ -245,80 +242,3 @@ def _evaluate(evaluate: Evaluate, model: torch.nn.Module, step: int, out: Path, 
     if images is not None:
         (out / "samples").mkdir(exist_ok=True)
         save_grid(images, out / "samples" / f"step_{step:08d}.png", nrow=int(math.sqrt(len(images))) or 1, scale=3)
-
-
-# -- checkpoints ---------------------------------------------------------------------------------------------------
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, keep: int, ema: EMA) -> Path:
-    """``save_state`` and the EMA (safetensors) into ``.tmp-step_N``, a manifest (step, recipe, file hashes), then an
-    atomic rename; old checkpoints beyond ``keep`` are removed."""
-    from safetensors.torch import save_file
-
-    final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".tmp-step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "recipe": fingerprint, "files": _digest(tmp)}, indent=1))
-        tmp.rename(final)
-        for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _check(folder: Path, fingerprint: dict) -> str | None:
-    """Why ``folder`` is not a usable checkpoint, or None."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return "no readable manifest (interrupted while writing?)"
-    if manifest.get("recipe") != fingerprint:
-        theirs = manifest.get("recipe", {})
-        keys = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
-        raise InputError(f"{folder} was written by a different recipe (differs in: {', '.join(keys)}); use a new output_dir")
-    actual = _digest(folder)
-    for name, digest in manifest["files"].items():
-        if actual.get(name) != digest:
-            return f"{name} is {'missing' if name not in actual else 'corrupt (hash mismatch)'}"
-    return None
-
-
-def _latest_good(ckpt_dir: Path, fingerprint: dict) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    for folder in sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True):
-        if _check(folder, fingerprint) is None:
-            return folder
-    return None
-
-
-def find_checkpoint(ckpt_dir: Path, fingerprint: dict, resume: str, log: Callable[[str], None] = print) -> Path | None:
-    """The checkpoint to resume from: ``resume`` is ``"latest"`` (the newest intact one; corrupt ones are reported
-    and skipped; None when there is none) or a folder."""
-    if resume != "latest":
-        folder = Path(resume)
-        reason = _check(folder, fingerprint) if folder.is_dir() else "not a folder"
-        if reason:
-            raise InputError(f"cannot resume from {folder}: {reason}")
-        return folder
-    if not ckpt_dir.is_dir():
-        log(f"no checkpoints in {ckpt_dir}; starting from step 0")
-        return None
-    for folder in sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True):
-        reason = _check(folder, fingerprint)
-        if reason is None:
-            return folder
-        log(f"skipping checkpoint {folder}: {reason}")
-    log(f"no intact checkpoint in {ckpt_dir}; starting from step 0")
-    return None

@@ -54,3 +54,37 @@ def tiny_flux():
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 4, 8),
     ).eval()  # fmt: skip
+
+
+def _tiny_tokenizer(folder):
+    """A CLIP tokenizer from files written here (unknown text maps to the end token); no downloads."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "p": 3, "h": 4, "o": 5, "t": 6, "o</w>": 7}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8)  # fmt: skip
+
+
+def tiny_sd_pipeline(folder):
+    """A StableDiffusionPipeline of tiny random components (8x8 images, latents 4x8x8), built locally."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text, tokenizer=_tiny_tokenizer(folder / "tok"), unet=tiny_cond_unet(),
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

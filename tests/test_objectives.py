@@ -77,7 +77,7 @@ def test_consistency_distillation_terms_gradients_boundary_target():
 
     teacher = tiny_unet(num_class_embeds=4)
     schedule = VPSchedule.from_config(DDPMScheduler(prediction_type="v_prediction").config)
-    obj = ConsistencyDistillation(teacher, schedule, "v_prediction", num_classes=3, guidance_scale=2.0)
+    obj = ConsistencyDistillation(teacher, schedule, "v_prediction", 3, guidance_scale=2.0)
     out = obj(_batch(), "student", step=0)
     assert set(out.terms) == {"distillation"}
     out.total.backward()
@@ -85,7 +85,7 @@ def test_consistency_distillation_terms_gradients_boundary_target():
     assert all(p.grad is None for p in obj.teacher.parameters()) and all(p.grad is None for p in obj.target.parameters())
     x = _batch()["x"]
     zero = torch.zeros(6, dtype=torch.long)
-    torch.testing.assert_close(obj.consistency_fn(obj.net, x, zero, zero), x, rtol=0, atol=0)  # f(x, 0) = x
+    torch.testing.assert_close(obj.consistency_fn(obj.net, x, zero, {"class_labels": zero}), x, rtol=0, atol=0)  # f(x, 0) = x
     with torch.no_grad():
         next(obj.net.parameters()).add_(1.0)
     before = next(obj.target.parameters()).clone()
@@ -120,3 +120,34 @@ def test_cm_student_samples_the_same_in_diffusers_pipeline():
     lcm = student_pipeline(tiny_unet(num_class_embeds=4), _lcm_scheduler(dict(DDPMScheduler(prediction_type="v_prediction").config), 50))
     out = lcm(class_labels=[0, 1], num_inference_steps=2, generator=gens, output_type="latent").images
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_lcm_lora_objective_trains_only_the_adapter():
+    from conftest import tiny_cond_unet
+    from diffusers import DDPMScheduler
+
+    from fastdiff.objectives.consistency import TextConditioner
+    from fastdiff.schedules import VPSchedule
+
+    unet = tiny_cond_unet()
+    reference = {k: v.clone() for k, v in unet.state_dict().items()}
+    cond = TextConditioner(torch.randn(3, 5, 16), torch.zeros(5, 16))
+    obj = ConsistencyDistillation(unet, VPSchedule.from_config(DDPMScheduler().config), "epsilon", cond, guidance_scale=6.0,
+                                  guidance_max=16.0, target_ema=0.0, lora_rank=4)  # fmt: skip
+    batch = {"x": torch.randn(2, 4, 8, 8), "labels": torch.tensor([0, 2]), "seeds": torch.tensor([1, 2])}
+    out = obj(batch, "student", 0)
+    assert 7 <= out.logs["mean_w"] <= 16
+    out.total.backward()
+    trained = {n for n, p in unet.named_parameters() if p.grad is not None}
+    assert trained and all("lora" in n for n in trained)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 16)
+    with obj._teacher() as teacher:  # adapter off: the original UNet exactly
+        off = teacher(x, t, emb).sample
+    fresh = tiny_cond_unet()
+    fresh.load_state_dict(reference)
+    torch.testing.assert_close(off, fresh(x, t, emb).sample)
+    assert not torch.allclose(unet(x, t, emb).sample, off)  # adapter on again afterwards

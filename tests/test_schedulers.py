@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import _tiny_tokenizer, _tiny_vae, tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
 
 from fastdiff import samplers as S
@@ -169,26 +169,6 @@ def test_bad_input():
         FPNDMScheduler().set_timesteps(3)
     with pytest.raises(InputError, match="unknown variant"):
         PLMSScheduler(variant="rk4")
-
-
-def _tiny_tokenizer(folder):
-    """A CLIP tokenizer from files written here (unknown text maps to the end token); no downloads."""
-    import json
-
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "p": 3, "h": 4, "o": 5, "t": 6, "o</w>": 7}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-def _tiny_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8)  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", ALL)

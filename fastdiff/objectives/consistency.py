@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ from fastdiff.param import lcm_scalings, x0_from_output
 
 __all__ = [
     "karras_levels", "ict_num_levels", "lognormal_level_probs", "lct_cauchy_c", "ot_pairing", "ConsistencyTraining",
-    "ConsistencyDistillation", "non_scaling_layernorm",
+    "ConsistencyDistillation", "ClassConditioner", "TextConditioner", "non_scaling_layernorm",
 ]  # fmt: skip
 
 
@@ -96,6 +97,7 @@ def _same_dropout(seed: int, device: torch.device):
 
 
 def _drop_labels(labels: Tensor, seeds: Tensor, p_uncond: float, null: int) -> Tensor:
+    """Labels replaced by the null label with probability ``p_uncond``, per sample (stream 2 of its seed)."""
     drop = per_sample_rand(seeds, 2, labels.device) < p_uncond
     return torch.where(drop, torch.full_like(labels, null), labels)
 
@@ -175,93 +177,156 @@ class ConsistencyTraining(Objective):
         return LossOutput(terms, {"num_levels": n, "c": c, "mean_sigma": float(sigma_next.mean())})
 
 
+class ClassConditioner:
+    """Class labels as the model's ``class_labels``; label ``num_classes`` is the null (unconditional) one."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, labels: Tensor, null: Tensor) -> dict[str, Tensor]:
+        return {"class_labels": torch.where(null, torch.full_like(labels, self.num_classes), labels)}
+
+
+class TextConditioner(nn.Module):
+    """Text conditioning for UNet2DConditionModel students: ``labels`` index a table of prompt embeddings (one per
+    caption, computed once); the null prompt's embedding stands in where a label is dropped."""
+
+    def __init__(self, prompt_embeds: Tensor, null_embed: Tensor):
+        super().__init__()
+        self.register_buffer("table", prompt_embeds, persistent=False)
+        self.register_buffer("null_embed", null_embed.reshape(1, *prompt_embeds.shape[1:]), persistent=False)
+
+    def __call__(self, labels: Tensor, null: Tensor) -> dict[str, Tensor]:
+        embeds = self.table[labels]
+        return {"encoder_hidden_states": torch.where(_view(null, embeds).bool(), self.null_embed.to(embeds.dtype), embeds)}
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # fmt: skip
+
+
 class ConsistencyDistillation(Objective):
     """Consistency distillation (CD with a DDIM teacher step, LCM-style) from a discrete-time teacher.
 
     Args:
-        teacher: the teacher's network (frozen here); ``schedule`` its :class:`~fastdiff.schedules.VPSchedule` and
+        teacher: the teacher's network; ``schedule`` its :class:`~fastdiff.schedules.VPSchedule` and
             ``prediction_type`` its output.
-        num_classes: real classes (label ``num_classes`` = null, used for the teacher's guidance).
+        conditioner: turns the batch's labels into model keyword arguments (:class:`ClassConditioner`,
+            :class:`TextConditioner`); an ``int`` means class labels with that many classes.
         num_ddim_timesteps: the skipping grid (LCM: 50 -> k = 20 training timesteps per jump).
-        guidance_scale: the teacher's classifier-free guidance ``w`` (``D_u + w (D_c - D_u)``); 1 = none.
+        guidance_scale: the teacher's classifier-free guidance ``w`` (``D_u + w (D_c - D_u)``, 1 = none); with
+            ``guidance_max``, ``w`` is drawn per sample from ``U[guidance_scale, guidance_max]`` (LCM's ``w + 1``).
         target_ema: decay of the target network (LCM: 0.95; 0 = the student itself under stop-gradient).
+        lora_rank: train a LoRA adapter (peft) on the teacher instead of a full copy (LCM-LoRA): the teacher is the
+            same network with the adapter disabled, the target the student under stop-gradient.
     """
 
     phases = ("student",)
 
-    def __init__(self, teacher: nn.Module, schedule, prediction_type: str, num_classes: int, *,
-                 num_ddim_timesteps: int = 50, guidance_scale: float = 1.0, target_ema: float = 0.95,
-                 loss: str = "l2", huber_c: float = 0.001, timestep_scaling: float = 10.0, p_uncond: float = 0.0):  # fmt: skip
+    def __init__(self, teacher: nn.Module, schedule, prediction_type: str, conditioner: Any, *,
+                 num_ddim_timesteps: int = 50, guidance_scale: float = 1.0, guidance_max: float | None = None,
+                 target_ema: float = 0.95, loss: str = "l2", huber_c: float = 0.001, timestep_scaling: float = 10.0,
+                 p_uncond: float = 0.0, lora_rank: int | None = None):  # fmt: skip
         super().__init__()
         if loss not in ("l2", "pseudo_huber"):
             raise InputError(f"distillation loss must be 'l2' or 'pseudo_huber'; got {loss!r}")
         if schedule.num_train_timesteps % num_ddim_timesteps:
             raise InputError(f"num_ddim_timesteps={num_ddim_timesteps} must divide the teacher's {schedule.num_train_timesteps} timesteps")
-        self.teacher = teacher.requires_grad_(False)
-        self.net = copy.deepcopy(teacher).requires_grad_(True)
-        self.target = copy.deepcopy(teacher).requires_grad_(False)
-        self.schedule, self.prediction_type, self.num_classes = schedule, prediction_type, num_classes
+        self.conditioner = ClassConditioner(conditioner) if isinstance(conditioner, int) else conditioner
+        self.lora = lora_rank is not None
+        if self.lora:
+            from peft import LoraConfig
+
+            teacher.requires_grad_(False)
+            targets = [n for n in LORA_TARGETS if any(name.endswith(n) for name, _ in teacher.named_modules())]
+            teacher.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=targets))
+            self.net = teacher  # one network: adapters on = student and target, off = teacher
+        else:
+            self.teacher = teacher.requires_grad_(False)
+            self.net = copy.deepcopy(teacher).requires_grad_(True)
+            self.target = copy.deepcopy(teacher).requires_grad_(False) if target_ema > 0 else None
+        self.schedule, self.prediction_type = schedule, prediction_type
         self.k = schedule.num_train_timesteps // num_ddim_timesteps
-        self.guidance_scale, self.target_ema, self.loss_kind, self.huber_c = guidance_scale, target_ema, loss, huber_c
+        self.guidance = (guidance_scale, guidance_max if guidance_max is not None else guidance_scale)
+        self.target_ema, self.loss_kind, self.huber_c = target_ema, loss, huber_c
         self.timestep_scaling, self.p_uncond = timestep_scaling, p_uncond
 
     def parameters_for(self, phase: str) -> Iterable[nn.Parameter]:
-        return self.net.parameters()
+        return (p for p in self.net.parameters() if p.requires_grad)
 
     def export(self) -> nn.Module:
         return self.net
 
-    def _x0(self, model: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _x0(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict) -> tuple[Tensor, Tensor, Tensor]:
         abar = self.schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
         alpha, beta = _view(abar.sqrt(), x_t), _view((1 - abar).sqrt(), x_t)
-        return x0_from_output(call_model(model, x_t, t, {"class_labels": labels}), x_t, alpha, beta, self.prediction_type), alpha, beta
+        return x0_from_output(call_model(model, x_t, t, cond), x_t, alpha, beta, self.prediction_type), alpha, beta
 
-    def consistency_fn(self, model: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def consistency_fn(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
         """LCM's ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)`` (the form ``LCMScheduler.step`` applies)."""
-        x0, _, _ = self._x0(model, x_t, t, labels)
+        x0, _, _ = self._x0(model, x_t, t, cond)
         c = lcm_scalings(t.to(x_t.dtype), self.timestep_scaling)
         return _view(c.c_skip, x_t) * x_t + _view(c.c_out, x_t) * x0
 
+    @contextlib.contextmanager
+    def _teacher(self):
+        """The teacher network (LoRA: the student with its adapter switched off)."""
+        if not self.lora:
+            yield self.teacher
+            return
+        self.net.disable_adapters()
+        try:
+            yield self.net
+        finally:
+            self.net.enable_adapters()
+
     @torch.no_grad()
-    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, labels: Tensor) -> Tensor:
+    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, labels: Tensor, w: Tensor) -> Tensor:
         """One DDIM step of the guided teacher from ``t`` to ``t_prev`` (``t_prev = -1``: to the clean sample)."""
-        w = self.guidance_scale
-        if w != 1.0:
-            null = torch.full_like(labels, self.num_classes)
-            x0_2, alpha, beta = self._x0(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, labels]))
-            x0_u, x0_c = x0_2.chunk(2)
-            x0, alpha, beta = x0_u + w * (x0_c - x0_u), alpha.chunk(2)[0], beta.chunk(2)[0]
-        else:
-            x0, alpha, beta = self._x0(self.teacher, x_t, t, labels)
+        none, every = torch.zeros_like(labels, dtype=torch.bool), torch.ones_like(labels, dtype=torch.bool)
+        with self._teacher() as teacher:
+            if bool((w != 1).any()):
+                cond = {k: torch.cat([u, c]) for (k, u), c in zip(self.conditioner(labels, every).items(),
+                                                                   self.conditioner(labels, none).values())}  # fmt: skip
+                x0_2, alpha, beta = self._x0(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), cond)
+                x0_u, x0_c = x0_2.chunk(2)
+                x0, alpha, beta = x0_u + _view(w, x_t) * (x0_c - x0_u), alpha.chunk(2)[0], beta.chunk(2)[0]
+            else:
+                x0, alpha, beta = self._x0(teacher, x_t, t, self.conditioner(labels, none))
         eps = (x_t - alpha * x0) / beta
         abar_prev = torch.where(t_prev >= 0, self.schedule.alphas_cumprod.to(x_t.device)[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float64))
         abar_prev = _view(abar_prev.to(x_t.dtype), x_t)
         return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
 
     def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
-        x, seeds = batch["x"], batch["seeds"]
-        labels = _drop_labels(batch["labels"], seeds, self.p_uncond, self.num_classes)
+        x, seeds, labels = batch["x"], batch["seeds"], batch["labels"]
+        dropped = per_sample_rand(seeds, 2, x.device) < self.p_uncond
         n_ddim = self.schedule.num_train_timesteps // self.k
         j = (per_sample_rand(seeds, 0, x.device) * n_ddim).long().clamp(max=n_ddim - 1) + 1  # 1..n_ddim
         t = j * self.k - 1  # 19, 39, ..., 999
         t_prev = t - self.k  # -1 for the first jump: to the clean sample
+        lo, hi = self.guidance
+        w = (lo + (hi - lo) * per_sample_rand(seeds, 3, x.device)).to(x.dtype)
         noise = per_sample_randn(x, seeds, 1)
         abar = _view(self.schedule.alphas_cumprod.to(x.device)[t].to(x.dtype), x)
         x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
-        x_prev = self._teacher_ddim(x_t, t, t_prev, labels)
-        student = self.consistency_fn(self.net, x_t, t, labels)
+        x_prev = self._teacher_ddim(x_t, t, t_prev, labels, w)
+        cond = self.conditioner(labels, dropped)
+        student = self.consistency_fn(self.net, x_t, t, cond)
         with torch.no_grad():
-            clean = t_prev < 0
-            target = self.consistency_fn(self.target, x_prev, t_prev.clamp(min=0), labels)
-            target = torch.where(_view(clean, x).bool(), x_prev, target)  # f(x, 0) = x: the boundary, exactly
+            target_net = self.target if getattr(self, "target", None) is not None else self.net
+            target = self.consistency_fn(target_net, x_prev, t_prev.clamp(min=0), cond)
+            target = torch.where(_view(t_prev < 0, x).bool(), x_prev, target)  # f(x, 0) = x: the boundary, exactly
         if self.loss_kind == "l2":
             distance = (student.float() - target.float()).flatten(1).pow(2).mean(1)
         else:
             distance = pseudo_huber(student.float(), target.float(), self.huber_c)
-        return LossOutput({"distillation": distance.mean()}, {"mean_t": float(t.float().mean())})
+        return LossOutput({"distillation": distance.mean()}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())})
 
     @torch.no_grad()
     def after_step(self, phase: str) -> None:
         """Move the target towards the student (LCM's EMA target)."""
+        if getattr(self, "target", None) is None:
+            return
         for e, p in zip(self.target.parameters(), self.net.parameters()):
             e.lerp_(p.detach(), 1 - self.target_ema)
