@@ -1,5 +1,7 @@
-"""LCM-LoRA: consistency distillation of a Stable Diffusion UNet into a LoRA adapter (Luo et al. 2023), on the
-trainer and :class:`~fastdiff.objectives.consistency.ConsistencyDistillation` (``lora_rank``).
+"""LCM and LCM-LoRA: consistency distillation of a Stable Diffusion UNet (Luo et al. 2023), on the trainer and
+:class:`~fastdiff.objectives.consistency.ConsistencyDistillation`: into a LoRA adapter (``sd.lora_rank``), or into a
+full student with LCM's guidance-scale embedding (``sd.lora_rank: null``), saved as a ``unet`` folder that
+``LatentConsistencyModelPipeline`` takes (``unet=UNet2DConditionModel.from_pretrained(folder)``).
 
 Data is a local folder of images with captions in ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per line,
 the Hugging Face imagefolder layout). Images are encoded once by the pipeline's VAE and captions once by its text
@@ -32,7 +34,8 @@ class SDConfig:
     pretrained: str = "runwayml/stable-diffusion-v1-5"  # a local diffusers Stable Diffusion folder
     data_root: str = "data/captioned"
     resolution: int = 512
-    lora_rank: int = 64
+    lora_rank: int | None = 64  # None: full LCM student with a guidance embedding (time_cond_proj_dim 256)
+    guidance_embedding_dim: int = 256
     guidance_scale: float = 6.0  # w ~ U[6, 16] in D_u + w (D_c - D_u), i.e. LCM's w in [5, 15]
     guidance_max: float = 16.0
     num_ddim_timesteps: int = 50
@@ -112,8 +115,9 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
     from fastdiff.schedules import VPSchedule
 
     out = Path(recipe.output_dir)
-    if (out / "lora").exists():
-        raise InputError(f"{out / 'lora'} already exists; remove it or pass --set output_dir=NEW_DIR")
+    for name in ("lora", "unet"):
+        if (out / name).exists():
+            raise InputError(f"{out / name} already exists; remove it or pass --set output_dir=NEW_DIR")
     sd = recipe.sd
     if not (Path(sd.pretrained) / "model_index.json").is_file():
         raise InputError(f"sd.pretrained={sd.pretrained} is not a local diffusers pipeline folder (no model_index.json); "
@@ -124,14 +128,16 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
     config = dict(pipe.scheduler.config)
     objective = ConsistencyDistillation(
         pipe.unet, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), TextConditioner(prompts, null),
-        num_ddim_timesteps=sd.num_ddim_timesteps, guidance_scale=sd.guidance_scale, guidance_max=sd.guidance_max, target_ema=0.0,
-        loss=sd.loss, huber_c=sd.huber_c, lora_rank=sd.lora_rank,
+        num_ddim_timesteps=sd.num_ddim_timesteps, guidance_scale=sd.guidance_scale, guidance_max=sd.guidance_max,
+        loss=sd.loss, huber_c=sd.huber_c, lora_rank=sd.lora_rank, target_ema=0.0 if sd.lora_rank else 0.95,
+        guidance_embedding=None if sd.lora_rank else sd.guidance_embedding_dim,
     )  # fmt: skip
     fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
     unet, record = train(objective, latents, torch.arange(len(captions)), recipe.trainer, out, fingerprint, resume=resume, progress=progress)
+    name = "lora" if sd.lora_rank else "unet"
     if record["is_main_process"]:
-        tmp = out / "lora.tmp"
-        save_lora(unet, tmp)
+        tmp = out / f"{name}.tmp"
+        save_lora(unet, tmp) if sd.lora_rank else unet.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training.json").write_text(json.dumps({"recipe": to_dict(recipe), "history": record["history"][-20:]}, indent=2) + "\n")
-        tmp.rename(out / "lora")
-    return out / "lora"
+        tmp.rename(out / name)
+    return out / name

@@ -60,3 +60,29 @@ def test_lcm_lora_bad_input(tmp_path):
     (tmp_path / "d" / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
     with pytest.raises(InputError, match="missing.png does not exist"):
         load_captioned_folder(tmp_path / "d", 8)
+
+
+def test_full_lcm_student_with_guidance_embedding_runs_in_lcm_pipeline(tmp_path):
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    from fastdiff.objectives.consistency import guidance_embedding
+
+    base = tiny_sd_pipeline(tmp_path)
+    w = torch.tensor([0.0, 4.5, 14.0])
+    lcm_pipe_embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=32)
+    torch.testing.assert_close(guidance_embedding(w, 32), lcm_pipe_embedding)
+    base.save_pretrained(tmp_path / "sd")
+    recipe = from_dict(LCMLoRARecipe, {
+        "output_dir": str(tmp_path / "run"),
+        "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": None,
+               "guidance_embedding_dim": 32},
+        "trainer": {"steps": 2, "batch_size": 2, "tracker": "none", "optim": {"kind": "adamw", "lr": 1e-3}},
+    })  # fmt: skip
+    unet = UNet2DConditionModel.from_pretrained(run_lcm_lora(recipe, progress=False))
+    assert unet.config.time_cond_proj_dim == 32
+    pipe = LatentConsistencyModelPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+                                          scheduler=LCMScheduler.from_config(base.scheduler.config), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a photo", num_inference_steps=2, guidance_scale=8.0, height=8, width=8, output_type="np").images
+    assert images.shape == (1, 8, 8, 3)

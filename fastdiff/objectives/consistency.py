@@ -34,7 +34,8 @@ from fastdiff.param import lcm_scalings, x0_from_output
 
 __all__ = [
     "karras_levels", "ict_num_levels", "lognormal_level_probs", "lct_cauchy_c", "ot_pairing", "ConsistencyTraining",
-    "ConsistencyDistillation", "ClassConditioner", "TextConditioner", "non_scaling_layernorm",
+    "ConsistencyDistillation", "ClassConditioner", "TextConditioner", "non_scaling_layernorm", "guidance_embedding",
+    "with_guidance_embedding",
 ]  # fmt: skip
 
 
@@ -201,6 +202,27 @@ class TextConditioner(nn.Module):
         return {"encoder_hidden_states": torch.where(_view(null, embeds).bool(), self.null_embed.to(embeds.dtype), embeds)}
 
 
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """LCM's Fourier embedding of the guidance scale (VDM-style, of ``1000 w``), what
+    ``LatentConsistencyModelPipeline`` feeds as ``timestep_cond`` with ``w = guidance_scale - 1``."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = 1000.0 * w.float()[:, None] * freqs[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+def with_guidance_embedding(unet: nn.Module, dim: int = 256) -> nn.Module:
+    """A copy of a ``UNet2DConditionModel`` with LCM's guidance-embedding input (``time_cond_proj_dim``); the new
+    projection starts at zero, so the copy computes exactly what ``unet`` does until it is trained."""
+    new = type(unet).from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise InputError(f"cannot add a guidance embedding to {type(unet).__name__}: missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    return new
+
+
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                 "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # fmt: skip
 
@@ -219,6 +241,8 @@ class ConsistencyDistillation(Objective):
         target_ema: decay of the target network (LCM: 0.95; 0 = the student itself under stop-gradient).
         lora_rank: train a LoRA adapter (peft) on the teacher instead of a full copy (LCM-LoRA): the teacher is the
             same network with the adapter disabled, the target the student under stop-gradient.
+        guidance_embedding: give the (full) student LCM's guidance-scale embedding of dimension
+            ``guidance_embedding`` (``UNet2DConditionModel`` only), conditioned on the ``w`` the teacher used.
     """
 
     phases = ("student",)
@@ -226,7 +250,7 @@ class ConsistencyDistillation(Objective):
     def __init__(self, teacher: nn.Module, schedule, prediction_type: str, conditioner: Any, *,
                  num_ddim_timesteps: int = 50, guidance_scale: float = 1.0, guidance_max: float | None = None,
                  target_ema: float = 0.95, loss: str = "l2", huber_c: float = 0.001, timestep_scaling: float = 10.0,
-                 p_uncond: float = 0.0, lora_rank: int | None = None):  # fmt: skip
+                 p_uncond: float = 0.0, lora_rank: int | None = None, guidance_embedding: int | None = None):  # fmt: skip
         super().__init__()
         if loss not in ("l2", "pseudo_huber"):
             raise InputError(f"distillation loss must be 'l2' or 'pseudo_huber'; got {loss!r}")
@@ -243,8 +267,12 @@ class ConsistencyDistillation(Objective):
             self.net = teacher  # one network: adapters on = student and target, off = teacher
         else:
             self.teacher = teacher.requires_grad_(False)
-            self.net = copy.deepcopy(teacher).requires_grad_(True)
-            self.target = copy.deepcopy(teacher).requires_grad_(False) if target_ema > 0 else None
+            student = with_guidance_embedding(teacher, guidance_embedding) if guidance_embedding else copy.deepcopy(teacher)
+            self.net = student.requires_grad_(True)
+            self.target = copy.deepcopy(self.net).requires_grad_(False) if target_ema > 0 else None
+        if guidance_embedding and self.lora:
+            raise InputError("LCM-LoRA has no guidance embedding (the adapter must load into the base UNet); use lora_rank or guidance_embedding")
+        self.embed_dim = guidance_embedding
         self.schedule, self.prediction_type = schedule, prediction_type
         self.k = schedule.num_train_timesteps // num_ddim_timesteps
         self.guidance = (guidance_scale, guidance_max if guidance_max is not None else guidance_scale)
@@ -312,6 +340,8 @@ class ConsistencyDistillation(Objective):
         x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
         x_prev = self._teacher_ddim(x_t, t, t_prev, labels, w)
         cond = self.conditioner(labels, dropped)
+        if self.embed_dim:
+            cond = {**cond, "timestep_cond": guidance_embedding(w - 1, self.embed_dim).to(x.dtype)}
         student = self.consistency_fn(self.net, x_t, t, cond)
         with torch.no_grad():
             target_net = self.target if getattr(self, "target", None) is not None else self.net
