@@ -29,11 +29,11 @@ def tiny_cond_unet():
     ).eval()  # fmt: skip
 
 
-def tiny_dit():
+def tiny_dit(num_layers: int = 1):
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers, sample_size=8,
         patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
     ).eval()  # fmt: skip
 

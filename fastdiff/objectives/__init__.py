@@ -8,9 +8,7 @@ from fastdiff.objectives.consistency import (
     TextConditioner,
 )
 
-OBJECTIVES = {"ict": ConsistencyTraining, "ilct": ConsistencyTraining, "cd": ConsistencyDistillation}
-
 __all__ = [
     "LossOutput", "Objective", "per_sample_rand", "per_sample_randn", "ConsistencyTraining", "ConsistencyDistillation",
-    "ClassConditioner", "TextConditioner", "OBJECTIVES",
+    "ClassConditioner", "TextConditioner",
 ]  # fmt: skip
