@@ -251,9 +251,25 @@ def _render_distill(data: dict) -> list[str]:
     return render_distill(data)
 
 
-RENDERERS: dict[str, Callable[[dict], list[str]]] = {"teachers": _render_teachers, "samplers": _render_samplers, "distill": _render_distill}
-PLOTS: dict[str, tuple[str, Callable[[dict, Path], Path]]] = {"samplers": ("samplers_fid_vs_nfe.png", _plot_samplers)}
-COMMANDS = {"teachers": "fastdiff bench teachers", "samplers": "fastdiff bench samplers", "distill": "fastdiff bench distill"}
+def _render_cache(data: dict) -> list[str]:
+    from fastdiff.bench_cache import render_cache
+
+    return render_cache(data)
+
+
+def _plot_cache(data: dict, path: Path) -> Path:
+    from fastdiff.bench_cache import plot_cache
+
+    return plot_cache(data, path)
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "teachers": _render_teachers, "samplers": _render_samplers, "distill": _render_distill, "cache": _render_cache,
+}  # fmt: skip
+PLOTS: dict[str, tuple[str, Callable[[dict, Path], Path]]] = {
+    "samplers": ("samplers_fid_vs_nfe.png", _plot_samplers), "cache": ("cache_frontier.png", _plot_cache),
+}  # fmt: skip
+COMMANDS = {name: f"fastdiff bench {name}" for name in RENDERERS}
 
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -297,10 +313,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_bench(name: str, quick: bool, progress: bool = True) -> Path:
     """Run benchmark ``name``, write its JSON and regenerate the report."""
+    from fastdiff.bench_cache import bench_cache
     from fastdiff.bench_distill import bench_distill
     from fastdiff.bench_samplers import bench_samplers
 
-    runners = {"teachers": bench_teachers, "samplers": bench_samplers, "distill": bench_distill}
+    runners = {"teachers": bench_teachers, "samplers": bench_samplers, "distill": bench_distill, "cache": bench_cache}
     data = runners[name](quick=quick, progress=progress)
     BENCH_DIR.mkdir(exist_ok=True)
     path = BENCH_DIR / f"{name}{'-quick' if quick else ''}.json"

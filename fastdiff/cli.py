@@ -313,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md")
-    p.add_argument("name", choices=("teachers", "samplers", "distill", "report"),
+    p.add_argument("name", choices=("teachers", "samplers", "distill", "cache", "report"),
                    help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
                         "Gaussian-mixture oracle, scheduler overhead); distill: consistency students vs their teacher and the "
-                        "trainer's overhead; report: only regenerate BENCHMARKS.md")  # fmt: skip
+                        "trainer's overhead; cache: feature-cache policies vs uncached and diffusers' caches; report: only "
+                        "regenerate BENCHMARKS.md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fastdiff.bench import README_END, README_START, machine, write_report
 
 
@@ -84,3 +86,19 @@ def test_sampler_bench_quick_runs_end_to_end():
     assert all(r["nfe"] == r["steps"] + 1 for r in plms)  # the warm-up's extra evaluation is counted
     assert all(0 <= r["diverged"] <= r["out_of_range"] <= 1 for r in data["rows"])  # diverged implies out of range
     assert all(r["ratio_to_forward"] < 0.5 for r in data["overhead"]["rows"])
+
+
+def test_cache_bench_quick_runs_end_to_end(tmp_path):
+    """fastdiff's policies and diffusers' PAB / First Block Cache / TaylorSeer (with the context fastdiff opens) run in
+    one quick pass; fastdiff's residual threshold and diffusers' First Block Cache agree at equal thresholds."""
+    from fastdiff.bench_cache import bench_cache, cache_entries
+
+    data = bench_cache(quick=True, progress=False)
+    assert len(data["rows"]) == len(cache_entries())
+    rows = {(r["method"], r["knob"]): r for r in data["rows"]}
+    assert rows[("residual threshold", "0.2")]["rmse_to_uncached"] == pytest.approx(rows[("FirstBlockCache", "0.2")]["rmse_to_uncached"], rel=1e-5)
+    assert all(r["macs_saved"] is None or 0 <= r["macs_saved"] < 1 for r in data["rows"])
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cache.json").write_text(json.dumps(data))
+    write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
+    assert "## Feature caching" in (tmp_path / "BENCHMARKS.md").read_text() and (tmp_path / "bench" / "cache_frontier.png").is_file()
