@@ -41,7 +41,14 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, k
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "recipe": fingerprint, "files": _digest(tmp)}, indent=1))
-        tmp.rename(final)
+        if final.exists():  # a corrupt checkpoint of the same step that resume skipped: replace it
+            stale = ckpt_dir / f".stale-step_{step:08d}"
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+            tmp.rename(final)
+            shutil.rmtree(stale)
+        else:
+            tmp.rename(final)
         for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -94,8 +94,9 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped(tmp_path):
     assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest", log=messages.append) is None
     assert "no readable manifest" in messages[2]
     with pytest.raises(InputError, match="different recipe"):
-        (ckpts / "step_00000012" / "model.safetensors").write_bytes(b"")
         find_checkpoint(ckpts, {"recipe": "other"}, "latest")
+    _tiny_run(tmp_path, steps=13, resume="latest")  # nothing intact: starts over and replaces the corrupt checkpoints
+    assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest") == ckpts / "step_00000012"
 
 
 def test_nan_stops_with_step_term_and_checkpoint(tmp_path):
