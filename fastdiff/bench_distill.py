@@ -138,7 +138,8 @@ def render_distill(data: dict) -> list[str]:
         "## Consistency students (digits)",
         "",
         f"Domain FID of {data['num_samples']} samples against the digits test split, mean ± std over seeds {data['seeds']}; each recipe",
-        "trained as written (`fastdiff train RECIPE`) in this run; minutes are wall-clock on this machine (2 cores). On every",
+        f"trained as written (`fastdiff train RECIPE`) in this run; minutes are wall-clock on this machine with "
+        f"{data['machine']['torch_threads']} torch thread(s). On every",
         f"row, the shipped teacher at 50 NFE (DDIM): {ms(t)}, and the best fastdiff ODE sampler on the teacher at the same NFE",
         f"(of {', '.join(data['teacher_samplers'])}).",
         "",
