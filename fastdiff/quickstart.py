@@ -17,7 +17,8 @@ from fastdiff.errors import InputError
 __all__ = ["QuickstartConfig", "run_quickstart", "TEACHERS", "fid_of_samples"]
 
 TEACHERS = ("fashion-mnist", "digits")
-QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm", "ghvb")
+# diffusers' schedulers and the best fastdiff sampler of `fastdiff bench samplers` (GHVB order 2, beta 0.8)
+QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm", "ghvb-1.8")
 
 
 @dataclass

@@ -48,7 +48,8 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "unipc": _diffusers("UniPCMultistepScheduler"),
     "pndm": _diffusers("PNDMScheduler", skip_prk_steps=True),  # PLMS as in Stable Diffusion: N steps cost N + 1 calls
     # fastdiff's own (fastdiff.samplers.diffusers)
-    "ghvb": _fastdiff("GHVBScheduler"),
+    "ghvb": _fastdiff("GHVBScheduler"),  # the paper's GHVB 3.8: order 4, beta 0.8
+    "ghvb-1.8": _fastdiff("GHVBScheduler", solver_order=2, momentum=0.8),  # best all-round in `fastdiff bench samplers`
     "hb-plms": _fastdiff("HeavyBallPLMSScheduler"),
     "hb-dpmpp-2m": _fastdiff("HeavyBallDPMSolverScheduler"),
     "ipndm": _fastdiff("IPNDMScheduler"),
@@ -56,7 +57,7 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "s-pndm": _fastdiff("SPNDMScheduler"),
     "f-pndm": _fastdiff("FPNDMScheduler"),
 }
-FASTDIFF_SCHEDULERS = ("ghvb", "hb-plms", "hb-dpmpp-2m", "ipndm", "plms", "s-pndm", "f-pndm")
+FASTDIFF_SCHEDULERS = ("ghvb", "ghvb-1.8", "hb-plms", "hb-dpmpp-2m", "ipndm", "plms", "s-pndm", "f-pndm")
 
 
 def make_scheduler(name: str, config: dict) -> Any:
