@@ -29,6 +29,11 @@ _YAML12_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from the YAML file at ``path`` and ``key.sub=value`` overrides."""
     path = Path(path)
+    return from_dict(cls, apply_overrides(_read_yaml(path), overrides), where=str(path))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A recipe file's top-level mapping, or a clear error."""
     if not path.is_file():
         raise InputError(f"recipe not found: {path}")
     try:
@@ -37,19 +42,12 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
         raise InputError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a mapping of keys at the top level; got {type(data).__name__}")
-    return from_dict(cls, apply_overrides(data, overrides), where=str(path))
+    return data
 
 
 def recipe_objective(path: str | Path) -> str:
     """The ``objective`` a recipe file names (``denoising`` when absent), to pick its recipe class."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path} is not valid YAML: {err}") from None
-    return str(data.get("objective", "denoising")) if isinstance(data, dict) else "denoising"
+    return str(_read_yaml(Path(path)).get("objective", "denoising"))
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
