@@ -284,13 +284,15 @@ def plot_samplers(data: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     gs = data["guidance"]
+    names = list(dict.fromkeys(r["sampler"] for r in data["rows"]))
+    colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}  # one colour per sampler
     fig, axes = plt.subplots(2, len(gs), figsize=(4 * len(gs), 7), dpi=110, squeeze=False)
     for j, g in enumerate(gs):
         for sampler, row in _cells(data, g).items():
             pts = sorted((r["nfe"], r["fid_test"], r["fid_converged"]) for r in row.values())
             style = "-" if row[next(iter(row))]["source"] == "fastdiff" else "--"
-            axes[0, j].plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=sampler)
-            axes[1, j].plot([p[0] for p in pts], [p[2] for p in pts], style, marker=".", label=sampler)
+            for ax, k in ((axes[0, j], 1), (axes[1, j], 2)):
+                ax.plot([p[0] for p in pts], [p[k] for p in pts], style, marker=".", color=colors[sampler], label=sampler)
         axes[0, j].axhline(data["reference"][str(g)]["fid_test"], color="gray", ls=":", label="converged (50 NFE)")
         axes[0, j].set(title=f"guidance {g:g}", ylabel="FID vs test split", yscale="log")
         axes[1, j].set(xlabel="NFE", ylabel="FID vs converged samples", yscale="log")
