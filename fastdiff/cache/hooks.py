@@ -84,9 +84,11 @@ class _UnitHook(ModelHook):
     """Caches one unit; ``mode`` ``residual`` (output - input of every tensor output matching an input) or
     ``output`` (the whole output)."""
 
-    def __init__(self, state: _State, unit: int, mode: str, names: tuple[str, ...] = ("hidden_states",)):
+    def __init__(self, state: _State, unit: int, mode: str, names: tuple[str, ...] = ("hidden_states",),
+                 out_index: dict[int, int] | None = None):  # fmt: skip
         super().__init__()
         self.state, self.unit, self.mode, self.names = state, unit, mode, names
+        self.out_index = out_index or {0: 0}  # output position -> input position (hidden, encoder hidden states)
         self.cache: Any = None
         self.generation = -1
 
@@ -140,10 +142,7 @@ class _UnitHook(ModelHook):
         return tuple(outs) if is_tuple else outs[0]
 
     def _out_index(self, outs: list) -> dict[int, int]:
-        """Output position -> input position (hidden states, encoder hidden states)."""
         return self.out_index if len(outs) > 1 else {0: 0}
-
-    out_index: dict[int, int] = {0: 0}
 
 
 def _block_metadata(block: nn.Module) -> tuple[tuple[str, ...], dict[int, int]]:
@@ -179,7 +178,7 @@ def cache_units(model: nn.Module, branch: int = 0) -> list[tuple[str, nn.Module,
                      f"({', '.join(_BLOCK_LISTS)}) or a UNet's down_blocks / mid_block / up_blocks")  # fmt: skip
 
 
-def _count_macs(state: _State, unit: int | None):
+def _count_macs(state: _State):
     def hook(module, inputs, output):
         if not state.counting or not isinstance(output, Tensor):
             return
@@ -207,12 +206,10 @@ def apply_cache(model: nn.Module, policy: CachePolicy, branch: int = 0) -> nn.Mo
     policy.bind([n for n, _, _ in units])
     for i, (_, module, mode) in enumerate(units):
         names, index = _block_metadata(module) if mode == "residual" else (("hidden_states",), {0: 0})
-        hook = _UnitHook(state, i, mode, names)
-        hook.out_index = index
+        hook = _UnitHook(state, i, mode, names, index)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, UNIT_HOOK)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(state), STEP_HOOK)
-    owners = {id(m): i for i, (_, unit, _) in enumerate(units) for m in unit.modules()}
-    state.counters = [m.register_forward_hook(_count_macs(state, owners.get(id(m))))
+    state.counters = [m.register_forward_hook(_count_macs(state))
                       for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # fmt: skip
     state.unit_names = [n for n, _, _ in units]
     model._fastdiff_cache = state
