@@ -265,9 +265,11 @@ def _plot_cache(data: dict, path: Path) -> Path:
 
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "teachers": _render_teachers, "samplers": _render_samplers, "distill": _render_distill, "cache": _render_cache,
+    "cache-unet": _render_cache,
 }  # fmt: skip
 PLOTS: dict[str, tuple[str, Callable[[dict, Path], Path]]] = {
     "samplers": ("samplers_fid_vs_nfe.png", _plot_samplers), "cache": ("cache_frontier.png", _plot_cache),
+    "cache-unet": ("cache-unet_frontier.png", _plot_cache),
 }  # fmt: skip
 COMMANDS = {name: f"fastdiff bench {name}" for name in RENDERERS}
 
@@ -313,11 +315,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_bench(name: str, quick: bool, progress: bool = True) -> Path:
     """Run benchmark ``name``, write its JSON and regenerate the report."""
-    from fastdiff.bench_cache import bench_cache
+    from fastdiff.bench_cache import bench_cache, bench_cache_unet
     from fastdiff.bench_distill import bench_distill
     from fastdiff.bench_samplers import bench_samplers
 
-    runners = {"teachers": bench_teachers, "samplers": bench_samplers, "distill": bench_distill, "cache": bench_cache}
+    runners = {"teachers": bench_teachers, "samplers": bench_samplers, "distill": bench_distill, "cache": bench_cache,
+               "cache-unet": bench_cache_unet}  # fmt: skip
     data = runners[name](quick=quick, progress=progress)
     BENCH_DIR.mkdir(exist_ok=True)
     path = BENCH_DIR / f"{name}{'-quick' if quick else ''}.json"

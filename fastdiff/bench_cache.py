@@ -16,23 +16,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["bench_cache", "render_cache", "plot_cache", "cache_entries", "targets"]
+__all__ = ["bench_cache", "bench_cache_unet", "render_cache", "plot_cache", "cache_entries", "unet_cache_entries", "targets"]
 
 
-def _fastdiff(policy_fn: Callable[[int], Any]) -> Callable:
-    def apply(model, steps):
-        from fastdiff.cache import apply_cache
+def _fastdiff(policy_fn: Callable[[int], Any], forecast: int = 0) -> Callable:
+    def apply(pipe, steps):
+        from fastdiff.cache import apply_cache, cached_model
 
-        apply_cache(model, policy_fn(steps))
+        apply_cache(cached_model(pipe), policy_fn(steps), forecast=forecast)
 
     return apply
 
 
 def _diffusers_pab(skip: int) -> Callable:
-    def apply(model, steps):
+    def apply(pipe, steps):
         from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
 
-        holder = {"t": 1000}
+        model, holder = pipe.transformer, {"t": 1000}
         model.register_forward_pre_hook(lambda m, a, k: holder.__setitem__("t", int(torch.as_tensor(k["timestep"]).flatten()[0])), with_kwargs=True)
         apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(-1, 1001),
@@ -45,15 +45,15 @@ def _with_context(apply_fn: Callable, config_fn: Callable) -> Callable:
     """Apply a diffusers cache that needs a cache context, and open one ("cond", with the timestep) before every
     model call -- what pipelines with ``cache_context`` do and fastdiff's class-conditional pipeline does not."""
 
-    def apply(model, steps):
+    def apply(pipe, steps):
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        apply_fn(model, config_fn(steps))
+        apply_fn(pipe.transformer, config_fn(steps))
 
         def open_context(module, args, kwargs):
             _set_cache_context(module, CacheContext("cond", timestep=float(torch.as_tensor(kwargs["timestep"]).flatten()[0])))
 
-        model.register_forward_pre_hook(open_context, with_kwargs=True)
+        pipe.transformer.register_forward_pre_hook(open_context, with_kwargs=True)
 
     return apply
 
@@ -72,25 +72,88 @@ def _taylorseer(interval: int) -> Callable:
         cache_identifiers=[r"^transformer_blocks\.\d+\.attn1$", r"^transformer_blocks\.\d+\.ff$"]))  # fmt: skip
 
 
-def cache_entries() -> list[tuple[str, str, str, Callable]]:
-    """``(source, method, knob, apply(model, steps))`` of every setting the benchmark runs."""
+_PREPARED: dict = {}  # (kind, steps, knob) -> calibration coefficients / trained router, shared by the rows that need it
+
+
+def _prepared(key: tuple, make: Callable) -> tuple[Any, float]:
+    if key not in _PREPARED:
+        start = time.perf_counter()
+        _PREPARED[key] = (make(), time.perf_counter() - start)
+    return _PREPARED[key]
+
+
+def _calibrated(threshold: float) -> Callable:
+    """Residual threshold with the polynomial ``fastdiff cache calibrate`` fits (TeaCache), fitted in the run."""
+
+    def apply(pipe, steps):
+        from fastdiff.cache import ResidualThreshold, apply_cache, calibrate
+
+        fit, seconds = _prepared(("calibration", steps), lambda: calibrate(pipe, steps, degree=4, generations=4, batch=16))
+        apply_cache(pipe.transformer, ResidualThreshold(threshold=threshold, coefficients=tuple(fit["coefficients"])))
+        return {"setup_seconds": seconds, "calibration_r2": fit["r2"]}
+
+    return apply
+
+
+ROUTER_ITERATIONS = {"quick": 2, "full": 40}
+
+
+def _router(beta: float, forecast: int, init_every: int, quick: bool) -> Callable:
+    """The learned HarmoniCa router (SDT + IEPO), trained in the run for this step count."""
+
+    def apply(pipe, steps):
+        from fastdiff.cache import RouterConfig, apply_router, train_router
+
+        cfg = RouterConfig(steps=steps, beta=beta, forecast=forecast, init_every=init_every, batch_size=4 if quick else 16,
+                           iterations=ROUTER_ITERATIONS["quick" if quick else "full"], lambda_batch=2 if quick else 8)  # fmt: skip
+        (router, record), seconds = _prepared(("router", steps, beta, forecast, init_every), lambda: train_router(pipe, cfg, progress=False))
+        apply_router(pipe.transformer, router)
+        return {"setup_seconds": seconds, "router_computed": record["computed"][-1]}
+
+    return apply
+
+
+def cache_entries(quick: bool = False) -> list[tuple[str, str, str, Callable]]:
+    """``(source, method, knob, apply(pipe, steps))`` of every setting the benchmark runs."""
     from fastdiff.cache import EveryN, ResidualThreshold, StageSwitch
 
-    entries = [("fastdiff", "every-N", f"N={n}", _fastdiff(lambda s, n=n: EveryN(interval=n))) for n in (2, 3, 4)]
+    entries = [("fastdiff", "every-N", f"N={n}", _fastdiff(lambda s, n=n: EveryN(interval=n))) for n in (2, 3)]
+    entries += [("fastdiff", "every-N + Taylor forecast", f"N={n}", _fastdiff(lambda s, n=n: EveryN(interval=n), forecast=1))
+                for n in (2, 3, 4)]  # fmt: skip
     entries.append(("fastdiff", "stage switch (Delta-DiT)", "N=2", _fastdiff(lambda s: StageSwitch(split=3, switch_step=s // 2))))
     entries += [("fastdiff", "residual threshold", f"{t:g}", _fastdiff(lambda s, t=t: ResidualThreshold(threshold=t)))
-                for t in (0.05, 0.1, 0.2, 0.4)]  # fmt: skip
+                for t in (0.05, 0.1, 0.2)]  # fmt: skip
+    entries += [("fastdiff", "residual threshold, calibrated", f"{t:g}", _calibrated(t)) for t in (0.05, 0.1, 0.2)]
+    entries.append(("fastdiff", "learned router (HarmoniCa)", "beta=0.01", _router(0.01, 0, 0, quick)))
+    entries += [("fastdiff", "learned router + Taylor, from every-3", f"beta={b:g}", _router(b, 1, 3, quick)) for b in (0.003, 0.01)]
     entries += [("diffusers", "PyramidAttentionBroadcast", f"skip={k}", _diffusers_pab(k)) for k in (2, 3)]
     entries += [("diffusers", "FirstBlockCache", f"{t:g}", _fbc(t)) for t in (0.05, 0.1, 0.2)]
-    entries += [("diffusers", "TaylorSeer", f"interval={k}", _taylorseer(k)) for k in (2, 4)]
+    entries += [("diffusers", "TaylorSeer", f"interval={k}", _taylorseer(k)) for k in (2, 3, 4, 5)]
     return entries
 
 
+def unet_cache_entries() -> list[tuple[str, str, str, Callable]]:
+    """The UNet teacher's rows: DeepCache-style every-N (diffusers has no UNet cache to compare with)."""
+    from fastdiff.cache import EveryN
 
-def bench_cache(quick: bool = False, progress: bool = True) -> dict:
+    entries = [("fastdiff", "every-N (DeepCache)", f"N={n}", _fastdiff(lambda s, n=n: EveryN(interval=n))) for n in (2, 3, 4)]
+    entries += [("fastdiff", "every-N (DeepCache) + Taylor forecast", f"N={n}", _fastdiff(lambda s, n=n: EveryN(interval=n), forecast=1))
+                for n in (2, 3, 4)]  # fmt: skip
+    return entries
+
+
+def bench_cache_unet(quick: bool = False, progress: bool = True) -> dict:
+    """``fastdiff bench cache-unet``: the same measurement on the shipped digits UNet teacher."""
+    return bench_cache(quick, progress, teacher="digits")
+
+
+def bench_cache(quick: bool = False, progress: bool = True, only: str | None = None, teacher: str = "fashion-mnist") -> dict:
+    """``only``: run just the rows whose method contains one of these comma-separated texts (for exploring);
+    ``teacher``: fashion-mnist (the DiT: fastdiff's and diffusers' caches) or digits (the UNet: DeepCache-style)."""
     from tqdm.auto import tqdm
 
     from fastdiff.bench import machine
+    from fastdiff.cache import cached_model
     from fastdiff.evaluation import load_source, source_features
     from fastdiff.extractors import load_extractor
     from fastdiff.metrics import FeatureSet, extract_features, fid
@@ -100,52 +163,53 @@ def bench_cache(quick: bool = False, progress: bool = True) -> dict:
 
     n = 8 if quick else 250
     step_counts = (6,) if quick else (20, 50)
-    extractor = load_extractor("fashion-mnist")
-    test = source_features(load_source("fashion-mnist:test", 1), extractor, progress=progress)
+    repeats = 1 if quick else 2
+    extractor = load_extractor(teacher)
+    test = source_features(load_source(f"{teacher}:test", 1), extractor, progress=progress)
+    _PREPARED.clear()
 
     def features(images):
         return FeatureSet.from_features(extract_features(extractor, images.clamp(-1, 1)))
 
     def fresh():
-        pipe = load_pipeline(teacher_path("fashion-mnist"))
+        pipe = load_pipeline(teacher_path(teacher))
         pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
         return pipe
 
-    repeats = 1 if quick else 2
+    def timed(pipe, steps):
+        start = time.perf_counter()
+        images = sample_pipeline(pipe, n, steps, 1.0, seed=0).images
+        return images, time.perf_counter() - start
 
-    def run(pipe, steps):  # images of the first run; the fastest of `repeats` timings (less scheduling noise)
-        times, images = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            s = sample_pipeline(pipe, n, steps, 1.0, seed=0)
-            times.append(time.perf_counter() - start)
-            images = s.images if images is None else images
-        return images, min(times)
-
-    entries = cache_entries()
+    entries = cache_entries(quick) if teacher == "fashion-mnist" else unet_cache_entries()
+    entries = [e for e in entries if only is None or any(o in e[1] for o in only.split(","))]
     rows, baselines = [], {}
-    bar = tqdm(total=len(step_counts) * (len(entries) + 1), desc="cache", disable=not progress)
+    bar = tqdm(total=len(step_counts) * len(entries), desc="cache", disable=not progress)
     for steps in step_counts:
-        pipe = fresh()
-        run(pipe, 2)  # warm-up
-        ref, ref_s = run(pipe, steps)
+        plain = fresh()
+        timed(plain, 2)  # warm-up
+        ref, _ = timed(plain, steps)
         ref_f = features(ref)
-        baselines[str(steps)] = {"seconds": ref_s, "fid_test": fid(ref_f, test)}
-        bar.update()
+        baselines[str(steps)] = {"fid_test": fid(ref_f, test), "seconds": []}
         for source, method, knob, apply in entries:
             pipe = fresh()
-            apply(pipe.transformer, steps)
-            images, seconds = run(pipe, steps)
-            stats = _stats(pipe.transformer)
+            extra = apply(pipe, steps) or {}
+            u, c, images = [], [], None
+            for _ in range(repeats):  # uncached and cached timed back to back: the ratio sees the same machine state
+                u.append(timed(plain, steps)[1])
+                out, seconds = timed(pipe, steps)
+                c.append(seconds)
+                images = out if images is None else images
+            baselines[str(steps)]["seconds"] += u
             f = features(images)
-            rows.append({"source": source, "method": method, "knob": knob, "steps": steps, "seconds": seconds,
-                         "speedup": ref_s / seconds, "fid_test": fid(f, test), "fid_uncached": fid(f, ref_f),
-                         "rmse_to_uncached": float((images - ref).flatten(1).pow(2).mean(1).sqrt().mean()), **stats})  # fmt: skip
+            rows.append({"source": source, "method": method, "knob": knob, "steps": steps, "seconds": min(c),
+                         "uncached_seconds": min(u), "speedup": min(u) / min(c), "fid_test": fid(f, test),
+                         "fid_uncached": fid(f, ref_f), "rmse_to_uncached": float((images - ref).flatten(1).pow(2).mean(1).sqrt().mean()),
+                         **_stats(cached_model(pipe)), **extra})  # fmt: skip
             bar.update()
-        again = run(fresh(), steps)[1]  # the uncached timing again at the end: drift shows as a difference
-        baselines[str(steps)]["seconds_end"] = again
+        baselines[str(steps)]["seconds_min"] = min(baselines[str(steps)]["seconds"])
     bar.close()
-    return {"machine": machine(), "quick": quick, "teacher": "fashion-mnist", "num_samples": n, "steps": list(step_counts),
+    return {"machine": machine(), "quick": quick, "teacher": teacher, "num_samples": n, "steps": list(step_counts),
             "repeats": repeats, "uncached": baselines, "rows": rows}  # fmt: skip
 
 
@@ -159,44 +223,65 @@ def _stats(model) -> dict:
 
 
 def targets(data: dict) -> dict:
-    """Per step count: the fastest fastdiff setting within +5% test FID of the uncached run, and diffusers' likewise."""
+    """Per step count: the fastest fastdiff and diffusers settings within +5% test FID of the uncached run, and for
+    each learned-router row the fastest static (every-N) row at no worse FID."""
     out = {}
     for steps in data["steps"]:
+        rows = [r for r in data["rows"] if r["steps"] == steps]
         limit = 1.05 * data["uncached"][str(steps)]["fid_test"]
-        ok = [r for r in data["rows"] if r["steps"] == steps and r["fid_test"] <= limit]
+        ok = [r for r in rows if r["fid_test"] <= limit]
         best = {src: max((r for r in ok if r["source"] == src), key=lambda r: r["speedup"], default=None) for src in ("fastdiff", "diffusers")}
-        out[str(steps)] = {"fid_limit": limit, **{f"best_{k}": v and {"method": f"{v['method']} {v['knob']}", "speedup": v["speedup"],
-                                                                      "fid_test": v["fid_test"]} for k, v in best.items()}}  # fmt: skip
+        static = [r for r in rows if r["method"].startswith("every-N")]
+        learned = []
+        for r in (r for r in rows if r["method"].startswith("learned router")):
+            rival = max((s for s in static if s["fid_test"] <= r["fid_test"]), key=lambda s: s["speedup"], default=None)
+            learned.append({"router": f"{r['method']} {r['knob']}", "speedup": r["speedup"], "fid_test": r["fid_test"],
+                            "best_static": rival and f"{rival['method']} {rival['knob']}", "static_speedup": rival and rival["speedup"],
+                            "dominates": rival is None or r["speedup"] > rival["speedup"]})  # fmt: skip
+        out[str(steps)] = {"fid_limit": limit, "learned_vs_static": learned,
+                           **{f"best_{k}": v and {"method": f"{v['method']} {v['knob']}", "speedup": v["speedup"],
+                                                   "fid_test": v["fid_test"]} for k, v in best.items()}}  # fmt: skip
     return out
 
 
 def render_cache(data: dict) -> list[str]:
     from fastdiff.bench import _fmt
 
-    lines = ["## Feature caching", "",
-             f"`fastdiff bench cache`: the shipped Fashion-MNIST DiT teacher (6 blocks), DDIM, {data['num_samples']} images per row with",
-             f"the same seeds; speed-up = wall-clock of the uncached pipeline / this row (fastest of {data.get('repeats', 1)} timing(s) each), "
-             "measured in the same run; FID against the",
-             "test split and against the uncached samples; MACs saved = fastdiff's estimate from the reuse plan (Linear/Conv layers).",
-             "", "![speed vs FID](benchmarks/cache_frontier.png)", ""]  # fmt: skip
+    unet = data.get("teacher") == "digits"
+    model = ("the shipped digits UNet teacher (DeepCache-style: down_blocks.1, mid_block and up_blocks.0 reused, the outer "
+             "pair always fresh)") if unet else "the shipped Fashion-MNIST DiT teacher (6 blocks)"  # fmt: skip
+    lines = ["## Feature caching" + (" on a UNet" if unet else ""), "",
+             f"`fastdiff bench {'cache-unet' if unet else 'cache'}`: {model}, DDIM, {data['num_samples']} images per row with",
+             "the same seeds; speed-up = wall-clock of the uncached pipeline / this row, each the fastest of "
+             f"{data.get('repeats', 1)} timing(s) taken back to back with the row's (same machine state); FID against the",
+             "test split and against the uncached samples; MACs saved = fastdiff's estimate from the reuse plan (Linear/Conv layers);",
+             "setup = calibration or router training in the same run (once per step count, shared by a method's rows).",
+             f"A test FID from {data['num_samples']} images moves by several percent with the seed (some cached rows score *below* the",
+             "uncached run); 'FID vs uncached' and the RMSE measure the cache's own error.",
+             "", f"![speed vs FID](benchmarks/{'cache-unet' if unet else 'cache'}_frontier.png)", ""]  # fmt: skip
     for steps in data["steps"]:
         u = data["uncached"][str(steps)]
-        end = f" ({u['seconds_end']:.1f} s when timed again at the end)" if "seconds_end" in u else ""
-        lines += [f"**{steps} steps** -- uncached: {u['seconds']:.1f} s{end}, test FID {_fmt(u['fid_test'])}", "",
-                  "| source | method | knob | speed-up | test FID | FID vs uncached | RMSE to uncached | reuse | MACs saved |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        timing = f"{u['seconds_min']:.1f}-{max(u['seconds']):.1f} s" if isinstance(u.get("seconds"), list) else f"{u['seconds']:.1f} s"
+        lines += [f"**{steps} steps** -- uncached: {timing}, test FID {_fmt(u['fid_test'])}", "",
+                  "| source | method | knob | speed-up | test FID | FID vs uncached | RMSE to uncached | reuse | MACs saved | setup |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in (r for r in data["rows"] if r["steps"] == steps):
             reuse = "-" if r["reuse_rate"] is None else f"{r['reuse_rate']:.0%}"
             saved = "-" if r["macs_saved"] is None else f"{r['macs_saved']:.0%}"
+            setup = f"{r['setup_seconds']:.0f} s" if r.get("setup_seconds") else "-"
             lines.append(f"| {r['source']} | {r['method']} | {r['knob']} | {r['speedup']:.2f}x | {_fmt(r['fid_test'])} | "
-                         f"{_fmt(r['fid_uncached'])} | {_fmt(r['rmse_to_uncached'])} | {reuse} | {saved} |")  # fmt: skip
+                         f"{_fmt(r['fid_uncached'])} | {_fmt(r['rmse_to_uncached'])} | {reuse} | {saved} | {setup} |")  # fmt: skip
         lines.append("")
     lines += ["**Targets** (computed from this run): fastest setting within +5% of the uncached test FID --"]
+    fmt = lambda b: f"{b['method']} at {b['speedup']:.2f}x (FID {_fmt(b['fid_test'])})" if b else "none"  # noqa: E731
     for steps, t in targets(data).items():
-        f, d = t["best_fastdiff"], t["best_diffusers"]
-        fmt = lambda b: f"{b['method']} at {b['speedup']:.2f}x (FID {_fmt(b['fid_test'])})" if b else "none"  # noqa: E731
-        lines.append(f"- {steps} steps: fastdiff {fmt(f)}; diffusers {fmt(d)}; target >= 2x.")
-    lines.append("- the learned (HarmoniCa) router is not built yet, so 'learned dominates static' is not measured.")
+        rival = "" if unet else f"; diffusers {fmt(t['best_diffusers'])}"
+        lines.append(f"- {steps} steps: fastdiff {fmt(t['best_fastdiff'])}{rival}; target >= 2x.")
+        for r in t.get("learned_vs_static", []):
+            rival = f"{r['best_static']} {r['static_speedup']:.2f}x" if r["best_static"] else "no static row"
+            verdict = "dominates" if r["dominates"] else "does not dominate"
+            lines.append(f"  - {r['router']}: {r['speedup']:.2f}x at FID {_fmt(r['fid_test'])}; fastest static schedule at no worse FID: "
+                         f"{rival} -> {verdict}")  # fmt: skip
     return lines
 
 
@@ -212,7 +297,7 @@ def plot_cache(data: dict, path: Path) -> Path:
             pts = sorted((r["speedup"], r["fid_test"]) for r in data["rows"] if r["steps"] == steps and (r["source"], r["method"]) == method)
             ax.plot(*zip(*pts), "-o" if method[0] == "fastdiff" else "--s", label=f"{method[1]} ({method[0]})")
         ax.axhline(data["uncached"][str(steps)]["fid_test"] * 1.05, color="gray", ls=":", label="uncached FID + 5%")
-        ax.set(title=f"{steps} DDIM steps", xlabel="wall-clock speed-up vs uncached", ylabel="domain FID (test)")
+        ax.set(title=f"{data.get('teacher', 'fashion-mnist')} teacher, {steps} DDIM steps", xlabel="wall-clock speed-up vs uncached", ylabel="domain FID (test)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()

@@ -196,6 +196,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.pipeline)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.cache:
+        from fastdiff.cache import apply_cache_spec, cached_model
+
+        apply_cache_spec(cached_model(pipe), args.cache)
     labels = None
     if args.classes:
         labels = torch.tensor(_int_list(args.classes, "--classes"))
@@ -211,6 +215,50 @@ def cmd_sample(args: argparse.Namespace) -> None:
           f"{type(pipe.scheduler).__name__}, {args.steps} steps = {samples.nfe:g} NFE)")
 
 
+def _pipeline_for_cache(args: argparse.Namespace):
+    from fastdiff.pipelines import load_pipeline
+    from fastdiff.quickstart import TEACHERS, teacher_path
+    from fastdiff.sampling import make_scheduler
+
+    pipe = load_pipeline(teacher_path(args.pipeline) if args.pipeline in TEACHERS else args.pipeline)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
+    return pipe
+
+
+def _refuse_overwrite(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite or another --out")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    """Fit a TeaCache-style polynomial, or train a HarmoniCa router, for a pipeline's model and sampler."""
+    from fastdiff.cache import RouterConfig, calibrate, train_router
+
+    out = Path(args.out)
+    if args.action == "calibrate":
+        _refuse_overwrite([out], args.overwrite)
+        pipe = _pipeline_for_cache(args)
+        fit = calibrate(pipe, args.steps, degree=args.degree, generations=args.generations, batch=args.batch_size)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(fit, indent=1) + "\n")
+        print(f"wrote {out}: degree {fit['degree']} polynomial, R^2 {fit['r2']:.3f} over {len(fit['probe_change'])} steps")
+        print(f"use it: fastdiff sample --cache threshold:0.1:{out} ...  or  load_calibration('{out}', threshold=0.1)")
+        return
+    record_path = out.with_suffix(".json")
+    _refuse_overwrite([out, record_path], args.overwrite)
+    cfg = RouterConfig(steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, beta=args.beta,
+                       forecast=args.forecast, init_every=args.init_every, guidance_scale=args.guidance, seed=args.seed)  # fmt: skip
+    pipe = _pipeline_for_cache(args)
+    router, record = train_router(pipe, cfg, progress=not args.no_progress)
+    router.save(out)
+    record_path.write_text(json.dumps({"config": router.meta, "model": router.model, **record}, indent=1) + "\n")
+    computed = record["computed"][-1]
+    print(f"wrote {out} (router) and {record_path} (training record): {computed:.0%} of the routed units compute "
+          f"at threshold {cfg.threshold}; use it: fastdiff sample --cache router:{out} --steps {cfg.steps} ...")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     """FID against NFE of the shipped teacher with diffusers' schedulers; a table, a grid and a plot."""
     from fastdiff.quickstart import QuickstartConfig, run_quickstart
@@ -219,10 +267,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
                            seed=args.seed, out=args.out)  # fmt: skip
     if args.steps:
         cfg.steps = tuple(_int_list(args.steps, "--steps"))
+    if args.cache:
+        cfg.cache = None if args.cache == "none" else args.cache
     record = run_quickstart(cfg, progress=not args.no_progress)
     print(f"\n{cfg.teacher} teacher, domain FID vs {record['reference']}, {cfg.num_samples} samples, "
           f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}")
-    _print_table(record["rows"], ["sampler", "steps", "nfe", "fid", "seconds"])
+    _print_table(record["rows"], ["sampler", "steps", "nfe", "fid", "seconds", "speedup"])
     print(f"wrote {cfg.out}/quickstart.json, {cfg.out}/fid_vs_nfe.png, {cfg.out}/grid.png")
 
 
@@ -264,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    from fastdiff.cache.spec import CACHE_SPEC_HELP
     from fastdiff.extractors import EXTRACTORS
     from fastdiff.sampling import SCHEDULERS
 
@@ -284,7 +335,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, help="images per grid row")
     p.add_argument("--scale", type=int, default=4, help="grid upscaling factor (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace grid.png / samples.npz in --out")
+    p.add_argument("--cache", metavar="SPEC", help=f"feature cache: {CACHE_SPEC_HELP}")
     p.set_defaults(func=cmd_sample, num_samples=64)
+
+    p = sub.add_parser("cache", help="feature caches: fit a TeaCache-style polynomial or train a HarmoniCa router")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("calibrate", "fit the polynomial from the first block's change to the output's change (TeaCache)"),
+                         ("train-router", "train a HarmoniCa router (SDT rollouts + IEPO) for this model, scheduler and step count")):
+        a = actions.add_parser(action, help=text, description=text)
+        a.add_argument("pipeline", help="a fastdiff class-conditional pipeline folder, or a shipped teacher: fashion-mnist, digits")
+        a.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="swap in this scheduler (default: the folder's)")
+        a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        a.add_argument("--no-progress", action="store_true")
+        a.add_argument("--seed", type=int, default=0)
+    a = actions.choices["calibrate"]
+    a.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    a.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4, as TeaCache)")
+    a.add_argument("--generations", type=int, default=4, help="pipeline calls to fit over (default 4)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per call (default 16)")
+    a.add_argument("--out", default="outputs/cache/calibration.json", help="JSON with the coefficients (default %(default)s)")
+    a.set_defaults(func=cmd_cache)
+    a = actions.choices["train-router"]
+    a.add_argument("--steps", type=int, default=20, help="sampler steps the router is for (default 20)")
+    a.add_argument("--beta", type=float, default=0.01, help="speed/quality trade-off: weight of the mean router score (default 0.01)")
+    a.add_argument("--iterations", type=int, default=40, help="SDT rollouts (default 40)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per rollout (default 16)")
+    a.add_argument("--forecast", type=int, default=0, choices=(0, 1), help="1: Taylor-forecast the reused features")
+    a.add_argument("--init-every", type=int, default=0, metavar="N", help="start from the static every-N plan (default 0: uniform scores)")
+    a.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the rollouts (default 1)")
+    a.add_argument("--out", default="outputs/cache/router.safetensors", help="router file (default %(default)s)")
+    a.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("fid", help="FID / KID / precision-recall of images against a reference",
                        description="Sources: an image folder, an .npz (images under `images`/`arr_0`, or mu/sigma "
@@ -309,14 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/quickstart", help="folder for the JSON, grid and plot")
+    p.add_argument("--cache", help=f"feature cache for the teacher's second reference run: {CACHE_SPEC_HELP}, or none "
+                   "(default: the benchmark's best)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md")
-    p.add_argument("name", choices=("teachers", "samplers", "distill", "cache", "report"),
+    p.add_argument("name", choices=("teachers", "samplers", "distill", "cache", "cache-unet", "report"),
                    help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
                         "Gaussian-mixture oracle, scheduler overhead); distill: consistency students vs their teacher and the "
-                        "trainer's overhead; cache: feature-cache policies vs uncached and diffusers' caches; report: only "
+                        "trainer's overhead; cache: feature-cache policies vs uncached and diffusers' caches (DiT); cache-unet: "
+                        "DeepCache-style caching of the digits UNet; report: only "
                         "regenerate BENCHMARKS.md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")

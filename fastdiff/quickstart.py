@@ -1,6 +1,7 @@
 """``fastdiff quickstart``: the main job on the embedded default -- FID against NFE for the shipped teacher.
 
-It samples the shipped Fashion-MNIST teacher (or the digits one) with diffusers' own schedulers at a few step counts,
+It samples the shipped Fashion-MNIST teacher (or the digits one) with diffusers' own schedulers and fastdiff's best
+sampler at a few step counts, and the teacher's 50-step reference run with and without fastdiff's best feature cache;
 scores each run with the domain FID against the test split, and writes a table (stdout + JSON), a sample grid and an
 FID-vs-NFE plot. Everything it needs ships in ``assets/``; nothing is downloaded.
 """
@@ -19,6 +20,8 @@ __all__ = ["QuickstartConfig", "run_quickstart", "TEACHERS", "fid_of_samples"]
 TEACHERS = ("fashion-mnist", "digits")
 # diffusers' schedulers and the best fastdiff sampler of `fastdiff bench samplers` (GHVB order 2, beta 0.8)
 QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm", "ghvb-1.8")
+# the fastest feature cache within +5% FID of `fastdiff bench cache` (50 DDIM steps)
+QUICKSTART_CACHE = "every:4:taylor"
 
 
 @dataclass
@@ -27,6 +30,7 @@ class QuickstartConfig:
     schedulers: tuple[str, ...] = QUICKSTART_SCHEDULERS
     steps: tuple[int, ...] = (4, 8, 16)
     reference_steps: int = 50  # the teacher's reference run (DDIM)
+    cache: str | None = QUICKSTART_CACHE  # the teacher's reference run again with this feature cache (None: skip)
     guidance_scale: float = 1.0
     num_samples: int = 500
     seed: int = 0
@@ -55,6 +59,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     """Run the table; returns the JSON record (also written to ``cfg.out/quickstart.json``)."""
     from tqdm.auto import tqdm
 
+    from fastdiff.cache import apply_cache_spec, cached_model, remove_cache
     from fastdiff.evaluation import load_source, source_features
     from fastdiff.extractors import load_extractor
     from fastdiff.images import save_grid
@@ -70,18 +75,27 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     source = {name: "fastdiff" if name in FASTDIFF_SCHEDULERS else "diffusers" for name in cfg.schedulers}
     runs = [(f"{name} ({source[name]})", name, steps) for name in cfg.schedulers for steps in cfg.steps]
     runs.append(("teacher: ddim (diffusers)", "ddim", cfg.reference_steps))
+    if cfg.cache:
+        runs.append((f"teacher: ddim + cache {cfg.cache} (fastdiff)", "ddim", cfg.reference_steps))
     rows = []
     for label, name, steps in tqdm(runs, desc="quickstart", disable=not progress):
         pipe.scheduler = make_scheduler(name, base_config)
+        if "+ cache" in label:
+            apply_cache_spec(cached_model(pipe), cfg.cache)
         start = time.perf_counter()
         samples = sample_pipeline(pipe, cfg.num_samples, steps, cfg.guidance_scale, cfg.seed)
         seconds = time.perf_counter() - start
+        remove_cache(cached_model(pipe))
         rows.append({
             "sampler": label, "steps": steps, "nfe": samples.nfe, "fid": fid_of_samples(samples.images, extractor, reference),
             "seconds": round(seconds, 2),
         })  # fmt: skip
         if label == "teacher: ddim (diffusers)":
             save_grid(samples.images[:100], out / "grid.png", nrow=10, scale=3)
+    teacher_row = next(r for r in rows if r["sampler"] == "teacher: ddim (diffusers)")
+    for r in rows:
+        if "+ cache" in r["sampler"]:
+            r["speedup"] = round(teacher_row["seconds"] / r["seconds"], 2)
     record = {
         "teacher": cfg.teacher, "extractor": extractor.name, "reference": f"{cfg.teacher}:test ({reference.n} images)",
         "num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "rows": rows,

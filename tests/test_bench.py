@@ -102,3 +102,17 @@ def test_cache_bench_quick_runs_end_to_end(tmp_path):
     (tmp_path / "bench" / "cache.json").write_text(json.dumps(data))
     write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
     assert "## Feature caching" in (tmp_path / "BENCHMARKS.md").read_text() and (tmp_path / "bench" / "cache_frontier.png").is_file()
+
+
+def test_cache_unet_bench_quick(tmp_path):
+    """The digits UNet teacher, DeepCache-style rows with and without the forecast, rendered as its own section."""
+    from fastdiff.bench_cache import bench_cache_unet, unet_cache_entries
+
+    data = bench_cache_unet(quick=True, progress=False)
+    assert data["teacher"] == "digits" and len(data["rows"]) == len(unet_cache_entries())
+    assert all(0 < r["reuse_rate"] < 1 and 0 < r["macs_saved"] < 1 for r in data["rows"])
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cache-unet.json").write_text(json.dumps(data))
+    write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
+    assert "## Feature caching on a UNet" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert (tmp_path / "bench" / "cache-unet_frontier.png").is_file()

@@ -5,16 +5,27 @@ import pytest
 import torch
 from conftest import tiny_dit, tiny_unet
 
-from fastdiff.cache import EveryN, NeverReuse, ResidualThreshold, StaticMask, apply_cache, cache_stats, cache_units, remove_cache
+from fastdiff.cache import (
+    EveryN,
+    NeverReuse,
+    ResidualThreshold,
+    StageSwitch,
+    StaticMask,
+    StepContext,
+    apply_cache,
+    cache_stats,
+    cache_units,
+    remove_cache,
+)
 from fastdiff.errors import InputError
 
 
-def _dit_pipe():
+def _dit_pipe(in_channels: int = 4):
     from diffusers import DDIMScheduler
 
     from fastdiff.pipelines import ClassConditionalPipeline
 
-    pipe = ClassConditionalPipeline(scheduler=DDIMScheduler(), transformer=tiny_dit(num_layers=4).eval())
+    pipe = ClassConditionalPipeline(scheduler=DDIMScheduler(), transformer=tiny_dit(num_layers=4, in_channels=in_channels).eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -53,14 +64,14 @@ def test_always_reuse_matches_hand_computed_reuse():
     apply_cache(model, EveryN(interval=10_000))
     model(x, timestep=torch.tensor([900, 900]), class_labels=labels)
     got = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
-    assert cache_stats(model)["reuse_rate_per_step"][1] == pytest.approx(2 / 3)  # unit 0, the probe, is always computed
+    assert cache_stats(model)["reuse_rate_per_step"][1] == 1  # a static policy reuses every block, the first too
     remove_cache(model)
     assert all(r.abs().mean() > 1e-3 for r in residuals)  # the blocks do change their input
-    for b, r in list(zip(model.transformer_blocks, residuals))[1:]:  # by hand: blocks 1, 2 add step 0's residuals
+    for b, r in zip(model.transformer_blocks, residuals):  # by hand: every block adds its step-0 residual
         b.forward = lambda hidden_states, *a, r=r, **k: hidden_states + r
     expected = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    for b in model.transformer_blocks[1:]:
+    for b in model.transformer_blocks:
         del b.forward
     assert not torch.allclose(model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample, got)  # reuse mattered
 
@@ -71,7 +82,7 @@ def test_state_resets_between_pipeline_calls_and_stats():
     first, second = _sample(pipe), _sample(pipe)
     assert torch.equal(first, second)  # the second call reuses nothing from the first
     stats = cache_stats(pipe.transformer)
-    assert stats["steps"] == 6 and stats["reuse_rate_per_step"][:3] == [0, 0.75, 0]  # computed at steps 0, 2, 4
+    assert stats["steps"] == 6 and stats["reuse_rate_per_step"][:3] == [0, 1, 0]  # computed at steps 0, 2, 4
     assert 0 < stats["macs_saved"] < 1
 
 
@@ -105,11 +116,25 @@ def test_adaptive_policy_and_static_mask():
     per_step = cache_stats(pipe.transformer)["reuse_rate_per_step"]
     assert per_step[0] == 0 and per_step[1] > 0 and per_step[3] == 0  # at most 2 reused steps in a row
     remove_cache(pipe.transformer)
+
+
+def test_static_mask_refuses_another_model_unit_count_or_sampler():
+    from fastdiff.cache import model_id
+
+    pipe = _dit_pipe()
+    ident = model_id(pipe.transformer)
+    with pytest.raises(InputError, match="made for the model DiTTransformer2DModel:000; this model is DiTTransformer2DModel:"):
+        apply_cache(pipe.transformer, StaticMask(torch.ones(4, 4, dtype=torch.bool), model="DiTTransformer2DModel:000"))
     with pytest.raises(InputError, match="has 2 units per step; the model has 4"):
-        apply_cache(pipe.transformer, StaticMask(torch.ones(4, 2, dtype=torch.bool), model="tiny DiT"))
-    apply_cache(pipe.transformer, StaticMask(torch.ones(4, 4, dtype=torch.bool), model="tiny DiT"))
-    with pytest.raises(InputError, match="covers 4 steps; the sampler is at step 5"):
-        _sample(pipe, steps=8)
+        apply_cache(pipe.transformer, StaticMask(torch.ones(4, 2, dtype=torch.bool), model=ident))
+    pipe.scheduler.set_timesteps(4)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    apply_cache(pipe.transformer, StaticMask(torch.ones(4, 4, dtype=torch.bool), model=ident, timesteps=timesteps))
+    _sample(pipe, steps=4)  # the plan's own sampler runs
+    with pytest.raises(InputError, match=r"covers 4 steps; the sampler is at step 5"):
+        pipe.transformer._fastdiff_cache.policy.begin_step(StepContext(4, 0.0))
+    with pytest.raises(InputError, match=r"made for timesteps \[750, 500, 250, \.\.\.\] \(4 steps\); at step 0 the sampler gives timestep 875"):
+        _sample(pipe, steps=8)  # another step count
 
 
 def test_bad_input():
@@ -119,9 +144,261 @@ def test_bad_input():
         EveryN(interval=0)
     with pytest.raises(InputError, match="threshold must be > 0"):
         ResidualThreshold(threshold=-1)
+    with pytest.raises(InputError, match="max_reuse and warmup must be >= 1"):
+        ResidualThreshold(threshold=0.1, max_reuse=0)
+    with pytest.raises(InputError, match=r"split must be in \[1, 3\] for a model with 4 units; got 5"):
+        apply_cache(tiny_dit(num_layers=4), StageSwitch(split=5, switch_step=2))
     model = tiny_dit()
     apply_cache(model, EveryN())
     with pytest.raises(InputError, match="already has a fastdiff cache"):
         apply_cache(model, EveryN())
     with pytest.raises(InputError, match="branch must be in"):
         cache_units(tiny_unet(), branch=5)
+
+
+def _residuals(model, x, t, labels):
+    """Each block's residual (output - input) in a plain forward at timestep ``t``."""
+    out = []
+
+    def grab(module, args, kwargs, o):
+        out.append(o - (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]))
+
+    handles = [b.register_forward_hook(grab, with_kwargs=True) for b in model.transformer_blocks]
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([t, t]), class_labels=labels)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def _with_block_residuals(model, residuals, x, t, labels):
+    """The model's output when each block with a residual given (not None) adds it to its input instead of computing."""
+    replaced = [b for b, r in zip(model.transformer_blocks, residuals) if r is not None]
+    for b, r in zip(model.transformer_blocks, residuals):
+        if r is not None:
+            b.forward = lambda hidden_states, *a, r=r, **k: hidden_states + r
+    try:
+        with torch.no_grad():
+            return model(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+    finally:
+        for b in replaced:
+            del b.forward
+
+
+def test_taylor_forecast_extrapolates_the_residuals():
+    """forecast=1 (TaylorSeer): steps 0 and 1 compute residuals r0, r1; step 3 reuses r1 + (r1 - r0) * (3 - 1)."""
+    model = tiny_dit(num_layers=3).eval()
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
+    r0, r1 = _residuals(model, x, 900, labels), _residuals(model, x, 800, labels)
+    apply_cache(model, EveryN(interval=10_000, warmup=2), forecast=1)
+    with torch.no_grad():
+        for t in (900, 800, 700):
+            model(x, timestep=torch.tensor([t, t]), class_labels=labels)
+        got = model(x, timestep=torch.tensor([600, 600]), class_labels=labels).sample
+    remove_cache(model)
+    expected = _with_block_residuals(model, [b + 2 * (b - a) for a, b in zip(r0, r1)], x, 600, labels)  # every block
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, _with_block_residuals(model, r1, x, 600, labels), atol=1e-4)  # the forecast mattered
+    with pytest.raises(InputError, match="forecast is the Taylor order"):
+        apply_cache(model, EveryN(), forecast=3)
+
+
+class _QuarterGate(EveryN):
+    """Block 0 computes; block 1 mixes a quarter of its fresh output into the reused one and never refreshes."""
+
+    def gate(self, ctx, unit):
+        return torch.tensor(0.25) if unit == 1 else None
+
+    def should_compute(self, ctx, unit):
+        return unit == 0
+
+
+def test_router_gate_mixes_fresh_and_reused_outputs_and_bypass_leaves_the_cache_alone():
+    from fastdiff.cache import cache_bypassed
+
+    model = tiny_dit(num_layers=2).eval()
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
+    r0 = _residuals(model, x, 900, labels)
+    apply_cache(model, _QuarterGate(interval=1))
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([900, 900]), class_labels=labels)
+        with cache_bypassed(model):
+            plain = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
+        assert model._fastdiff_cache.step == 0  # the bypassed call counted no step
+        got = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
+    remove_cache(model)
+    with torch.no_grad():
+        fresh = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
+    fresh_residual = _residuals(model, x, 800, labels)[1]
+    torch.testing.assert_close(plain, fresh, rtol=0, atol=0)
+    # block 1 by hand: 0.25 * (input + its fresh residual) + 0.75 * (input + step 0's residual)
+    expected = _with_block_residuals(model, [None, 0.25 * fresh_residual + 0.75 * r0[1]], x, 800, labels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_router_save_load_round_trip_and_mismatches(tmp_path):
+    from fastdiff.cache import Router, apply_router, load_router, model_id
+
+    pipe = _dit_pipe()
+    pipe.scheduler.set_timesteps(4)
+    units = [n for n, _, _ in cache_units(pipe.transformer)]
+    router = Router(units, pipe.scheduler.timesteps.tolist(), model_id(pipe.transformer), meta={"threshold": 0.1, "forecast": 1})
+    with torch.no_grad():
+        for row in router.rows:
+            row.copy_(torch.tensor([-4.0, -4.0, 0.0, 4.0]))
+    path = router.save(tmp_path / "router.safetensors")
+    back = load_router(path)
+    assert torch.equal(back.scores(), router.scores()) and back.units == units and back.meta["forecast"] == 1
+    assert torch.equal(back.plan().mask, router.plan().mask) and back.plan().mask[1].tolist() == [False, False, True, True]
+    assert not (tmp_path / "router.safetensors.tmp").exists()
+    apply_router(pipe.transformer, path)
+    _sample(pipe, steps=4)
+    assert cache_stats(pipe.transformer)["reuse_rate_per_step"] == [0, 0.5, 0.5, 0.5]
+    remove_cache(pipe.transformer)
+    other = tiny_dit(num_layers=3)
+    with pytest.raises(InputError, match="made for the model DiTTransformer2DModel:.*this model is DiTTransformer2DModel:"):
+        apply_router(other, path)
+    apply_router(pipe.transformer, path)
+    with pytest.raises(InputError, match="made for timesteps .* at step 0 the sampler gives timestep 900"):
+        _sample(pipe, steps=10)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="is not a fastdiff router"):
+        load_router(tmp_path / "bad.safetensors")
+    with pytest.raises(InputError, match="no router file"):
+        load_router(tmp_path / "missing.safetensors")
+
+
+def test_iepo_loss_and_router_training_smoke():
+    """The loss's closed form; SDT + IEPO on a tiny DiT moves the logits, keeps step 0 / unit 0 computed, and the
+    error term is what caching costs (0 where everything computes)."""
+    from fastdiff.cache import RouterConfig, train_router
+    from fastdiff.cache.router import iepo_loss
+
+    target = torch.randn(3, 4)
+    terms = iepo_loss(target.clone(), target, torch.tensor([0.2, 0.6]), 2.0, 0.5)
+    assert float(terms["error"]) == 0 and float(terms["l1"]) == pytest.approx(0.5 * 0.4)
+    terms = iepo_loss(target + 0.1, target, torch.tensor([1.0]), 2.0, 0.0)
+    assert float(terms["error"]) == pytest.approx(2.0 * 0.01 / float(target.pow(2).mean()), rel=1e-5)
+
+    pipe = _dit_pipe()
+    cfg = RouterConfig(steps=4, iterations=3, batch_size=2, lambda_batch=2, lambda_every=2, beta=1.0, lr=0.5)
+    router, record = train_router(pipe, cfg, progress=False)
+    scores = router.scores()
+    assert scores[0].eq(1).all()  # step 0 has nothing to reuse
+    assert (scores[1:, 1:] < torch.sigmoid(torch.tensor(cfg.init))).all()  # a strong L1 weight lowers every routed score
+    assert len(record["error"]) == 3 and all(e > 0 for e in record["error"]) and len(record["lambda"]) == 2
+    assert record["lambda"][0][0] == 0 and sum(record["lambda"][0][1:]) == pytest.approx(3.0)  # normalised to mean 1
+    assert getattr(pipe.transformer, "_fastdiff_cache", None) is None and not any(p.requires_grad for p in pipe.transformer.parameters())
+    start = train_router(pipe, RouterConfig(steps=7, iterations=1, batch_size=1, lambda_batch=1, lr=1e-6, init_every=3), progress=False)[0]
+    assert start.plan().mask[:, 2].tolist() == [True, False, False, True, False, False, True]  # the every-3 plan it starts from
+    with pytest.raises(InputError, match="steps must be >= 2"):
+        RouterConfig(steps=1)
+
+
+def test_calibration_fits_probe_change_to_output_change(tmp_path):
+    import json
+
+    import numpy as np
+
+    from fastdiff.cache import calibrate, load_calibration
+    from fastdiff.cache.calibrate import rel_l1
+
+    pipe = _dit_pipe()
+    fit = calibrate(pipe, steps=6, degree=2, generations=2, batch=2)
+    assert len(fit["coefficients"]) == 3 and len(fit["probe_change"]) == 2 * 5 == len(fit["output_change"])
+    x, y = np.array(fit["probe_change"]), np.array(fit["output_change"])
+    design = np.vander(x, 3)  # least squares by hand gives the same polynomial
+    np.testing.assert_allclose(fit["coefficients"], np.linalg.lstsq(design, y, rcond=None)[0], rtol=1e-6, atol=1e-9)
+    assert fit["r2"] <= 1
+    # the probe change is the first block's residual change, recomputed here with a plain forward hook
+    residuals = []
+    block = pipe.transformer.transformer_blocks[0]
+    h = block.register_forward_hook(lambda m, a, k, o: residuals.append(o - k.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    from fastdiff.cache.router import class_conditional_call
+
+    with torch.no_grad():
+        class_conditional_call(pipe, 6, 2, 0)
+    h.remove()
+    assert fit["probe_change"][0] == pytest.approx(rel_l1(residuals[1], residuals[0]), rel=1e-5)
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(fit))
+    policy = load_calibration(path, threshold=0.3)
+    assert tuple(policy.coefficients) == tuple(fit["coefficients"]) and policy.threshold == 0.3
+    path.write_text("{}")
+    with pytest.raises(InputError, match="is not a fastdiff cache calibration"):
+        load_calibration(path, threshold=0.3)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3", "flux"])
+def test_stock_pipelines_without_cache_context(tmp_path, kind):
+    """Stable Diffusion (UNet, DeepCache-style), SD3 (joint blocks, CFG batched) and Flux (double + single stream
+    blocks): never-reuse is bit-identical, every-2 reuses at the odd steps, removal restores."""
+    from conftest import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+
+    pipe = {"sd": tiny_sd_pipeline, "sd3": lambda f: tiny_sd3_pipeline(f, num_layers=2), "flux": tiny_flux_pipeline}[kind](tmp_path)
+    model = pipe.unet if kind == "sd" else pipe.transformer
+    extra = {} if kind == "sd" else {"max_sequence_length": 8}
+
+    def run():
+        return pipe("a photo", num_inference_steps=4, height=8, width=8, output_type="latent", guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), **extra).images  # fmt: skip
+
+    plain = run()
+    apply_cache(model, NeverReuse())
+    assert torch.equal(run(), plain)
+    remove_cache(model)
+    apply_cache(model, EveryN(interval=2))
+    cached = run()
+    per_step = cache_stats(model)["reuse_rate_per_step"]
+    assert per_step[0] == per_step[2] == 0 and per_step[1] > 0 and torch.isfinite(cached).all()
+    assert not torch.equal(cached, plain)
+    remove_cache(model)
+    assert torch.equal(run(), plain)
+
+
+def test_command_line_calibrate_train_router_and_sample(tmp_path, capsys):
+    """`fastdiff cache calibrate` / `train-router` on a pipeline folder, then `fastdiff sample --cache ...`; an
+    existing output is not overwritten, a router used with another step count or a bad spec exits 2."""
+    import json
+
+    from fastdiff.cli import main
+    from fastdiff.pipelines import save_teacher
+
+    folder = str(save_teacher(_dit_pipe(in_channels=1), tmp_path / "teacher"))
+    router, fit = tmp_path / "r.safetensors", tmp_path / "fit.json"
+    common = ["--no-progress", "--scheduler", "ddim"]
+    assert main(["cache", "train-router", folder, "--steps", "4", "--iterations", "1", "--batch-size", "2", "--out", str(router), *common]) == 0
+    assert main(["cache", "calibrate", folder, "--steps", "5", "--degree", "2", "--generations", "1", "--batch-size", "2", "--out", str(fit), *common]) == 0
+    assert json.loads(router.with_suffix(".json").read_text())["config"]["steps"] == 4 and len(json.loads(fit.read_text())["coefficients"]) == 3
+    before = router.read_bytes()
+    assert main(["cache", "train-router", folder, "--steps", "4", "--out", str(router), *common]) == 2
+    assert "already exist" in capsys.readouterr().err and router.read_bytes() == before
+    sample = ["sample", "--pipeline", folder, "--scheduler", "ddim", "--num-samples", "2", "--no-progress"]
+    for spec, steps in ((f"router:{router}", 4), ("every:2:taylor", 5), (f"threshold:0.1:{fit}", 5)):
+        assert main([*sample, "--steps", str(steps), "--cache", spec, "--out", str(tmp_path / spec[:5])]) == 0, capsys.readouterr().err
+    assert main([*sample, "--steps", "6", "--cache", f"router:{router}", "--out", str(tmp_path / "x")]) == 2
+    assert "made for timesteps" in capsys.readouterr().err
+    for bad, message in (("every:two", "cannot read the cache setting"), ("every:0", "interval must be an integer >= 1"),
+                         ("router:nope.safetensors", "no router file")):  # fmt: skip
+        assert main([*sample, "--cache", bad, "--out", str(tmp_path / "y")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_policies_see_the_step_and_sigma():
+    """With the scheduler given, each step's context carries the sigma of the timestep the model was called with."""
+    from fastdiff.schedules import VPSchedule
+
+    seen = []
+
+    class Record(NeverReuse):
+        def begin_step(self, ctx):
+            seen.append(ctx)
+
+    pipe = _dit_pipe()
+    apply_cache(pipe.transformer, Record(), scheduler=pipe.scheduler)
+    _sample(pipe, steps=4)
+    schedule = VPSchedule.from_config(pipe.scheduler.config)
+    assert [c.step for c in seen] == [0, 1, 2, 3] and [c.timestep for c in seen] == [750, 500, 250, 0]
+    for c in seen:
+        assert c.sigma == pytest.approx(float(schedule.t_to_sigma(torch.tensor(c.timestep, dtype=torch.float64))), rel=1e-9)
+    assert seen[0].sigma > seen[1].sigma > seen[3].sigma > 0

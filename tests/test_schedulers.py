@@ -206,22 +206,9 @@ def np_isfinite(array) -> bool:
 @pytest.mark.parametrize("cls", [GHVBScheduler, FPNDMScheduler])
 def test_sd3_flow_matching_pipeline(tmp_path, cls):
     """A flow-matching pipeline (SD3 layout, T5 left out as SD3 allows) with the scheduler swapped in from FlowMatchEuler."""
-    from conftest import tiny_sd3
-    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from conftest import tiny_sd3_pipeline
 
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                                          num_attention_heads=2, projection_dim=4, bos_token_id=0, eos_token_id=1,
-                                                          pad_token_id=1))  # fmt: skip
-
-    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
-                        shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
-    pipe = StableDiffusion3Pipeline(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                                    text_encoder=clip(), tokenizer=_tiny_tokenizer(tmp_path / "tok"), text_encoder_2=clip(),
-                                    tokenizer_2=_tiny_tokenizer(tmp_path / "tok"), text_encoder_3=None, tokenizer_3=None)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_sd3_pipeline(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
@@ -234,24 +221,9 @@ def test_sd3_flow_matching_pipeline(tmp_path, cls):
 @pytest.mark.parametrize("cls", [GHVBScheduler, PLMSScheduler])
 def test_flux_pipeline_with_dynamic_shift(tmp_path, cls):
     """FluxPipeline passes sigmas, mu and set_begin_index(0); the T5 tokenizer is a word-level one built here."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+    from conftest import tiny_flux_pipeline
 
-    words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "photo": 4}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    t5_tokenizer = T5TokenizerFast(tokenizer_object=words, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
-    t5 = T5EncoderModel(T5Config(vocab_size=5, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
-    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8,
-                        shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 4, 8))  # fmt: skip
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae, text_encoder=clip,
-                        tokenizer=_tiny_tokenizer(tmp_path / "tok"), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_flux_pipeline(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)

@@ -42,7 +42,8 @@ def test_quickstart_smoke(tmp_path):
     cfg = QuickstartConfig(teacher="digits", schedulers=("ddim", "pndm"), steps=(2,), reference_steps=3,
                            num_samples=20, out=str(tmp_path))  # fmt: skip
     record = run_quickstart(cfg, progress=False)
-    assert [r["nfe"] for r in record["rows"]] == [2, 3, 3]
+    assert [r["nfe"] for r in record["rows"]] == [2, 3, 3, 3]  # the last: the teacher's run with the feature cache
+    assert record["rows"][-1]["sampler"].startswith("teacher: ddim + cache") and record["rows"][-1]["speedup"] > 0
     assert all(np.isfinite(r["fid"]) for r in record["rows"])
     for name in ("quickstart.json", "fid_vs_nfe.png", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0

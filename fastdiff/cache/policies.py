@@ -1,9 +1,10 @@
 """Cache policies: pure decision logic, separate from the hooks that apply them (:mod:`fastdiff.cache.hooks`).
 
 A policy answers, at denoising step ``ctx.step`` and for cacheable unit ``unit`` (a transformer block, or a deep
-module of a UNet), whether to compute it afresh (``True``) or reuse what was cached. The first unit is always
-computed; adaptive policies look at its change (``observe``) before the other units are asked. Policies hold no
-tensors of the model; ``reset()`` starts a new generation.
+module of a UNet), whether to compute it afresh (``True``) or reuse what was cached. Adaptive policies
+(``needs_probe``) have the first unit computed at every step and look at its change (``observe``) before the other
+units are asked; static ones may reuse every unit. Policies hold no tensors of the model; ``reset()`` starts a new
+generation.
 """
 
 from __future__ import annotations
@@ -22,26 +23,40 @@ __all__ = ["StepContext", "CachePolicy", "NeverReuse", "EveryN", "StageSwitch", 
 @dataclass(frozen=True)
 class StepContext:
     """Where a model call sits in its generation: ``step`` counts the model calls since the generation began (one
-    per denoising step; a classifier-free guided batch is one call); ``timestep`` is what the model was given."""
+    per denoising step; a classifier-free guided batch is one call); ``timestep`` is what the model was given;
+    ``sigma`` its noise level (``x = x0 + sigma * eps``) when ``apply_cache`` was given the scheduler, else None."""
 
     step: int
     timestep: float
+    sigma: float | None = None
 
 
 class CachePolicy:
     """Base policy: compute everything. Subclasses override :meth:`should_compute` (and :meth:`observe`)."""
 
+    needs_probe = False  # True: unit 0 computes at every step and its residual goes to observe()
+
     def reset(self) -> None:
         """Forget everything about the previous generation."""
 
-    def bind(self, units: list[str]) -> None:
-        """Called by ``apply_cache`` with the model's units; a policy made for another model refuses here."""
+    def bind(self, units: list[str], model: str) -> None:
+        """Called by ``apply_cache`` with the model's units and :func:`~fastdiff.cache.hooks.model_id`; a policy
+        made for another model refuses here."""
+
+    def begin_step(self, ctx: StepContext) -> None:
+        """Called once per model call, before any unit (after ``reset`` on a new generation)."""
 
     def observe(self, ctx: StepContext, probe: Tensor) -> None:
-        """See the first unit's residual (output - input) at this step, before the other units are asked."""
+        """Policies with ``needs_probe``: the first unit's residual (output - input) at this step, before the other
+        units are asked."""
 
     def should_compute(self, ctx: StepContext, unit: int) -> bool:
         return True
+
+    def gate(self, ctx: StepContext, unit: int) -> Tensor | None:
+        """Training only: a differentiable weight ``w`` in [0, 1]; the unit then returns ``w * fresh + (1 - w) *
+        reused`` and refreshes its cache where :meth:`should_compute` says so. ``None``: decide, do not mix."""
+        return None
 
 
 class NeverReuse(CachePolicy):
@@ -85,6 +100,15 @@ class StageSwitch(CachePolicy):
     interval: int = 2
     warmup: int = 1
 
+    def __post_init__(self):
+        EveryN(self.interval, self.warmup)  # the same range checks
+        if self.switch_step < 0:
+            raise InputError(f"stage switch step must be >= 0; got {self.switch_step}")
+
+    def bind(self, units: list[str], model: str) -> None:
+        if not 1 <= self.split < len(units):
+            raise InputError(f"stage switch split must be in [1, {len(units) - 1}] for a model with {len(units)} units; got {self.split}")
+
     def should_compute(self, ctx: StepContext, unit: int) -> bool:
         cached = unit >= self.split if ctx.step < self.switch_step else unit < self.split
         return not cached or _due(ctx.step, self.warmup, self.interval)
@@ -105,10 +129,13 @@ class ResidualThreshold(CachePolicy):
     _acc: float = 0.0
     _run: int = 0
     _compute: bool = True
+    needs_probe = True
 
     def __post_init__(self):
         if not self.threshold > 0:
             raise InputError(f"cache threshold must be > 0; got {self.threshold}")
+        if self.max_reuse < 1 or self.warmup < 1:
+            raise InputError(f"max_reuse and warmup must be >= 1; got max_reuse={self.max_reuse}, warmup={self.warmup}")
 
     def reset(self) -> None:
         self._prev, self._acc, self._run, self._compute = None, 0.0, 0, True
@@ -119,7 +146,7 @@ class ResidualThreshold(CachePolicy):
             self._compute = True
         else:
             rel = float((probe - self._prev).abs().mean() / self._prev.abs().mean().clamp_min(1e-12))
-            self._acc += float(sum(c * rel**k for k, c in enumerate(reversed(self.coefficients))))
+            self._acc += max(0.0, float(sum(c * rel**k for k, c in enumerate(reversed(self.coefficients)))))  # a fitted poly may dip below 0
             self._compute = self._acc >= self.threshold or self._run >= self.max_reuse
         if self._compute:
             self._acc, self._run = 0.0, 0
@@ -134,23 +161,42 @@ class ResidualThreshold(CachePolicy):
 @dataclass
 class StaticMask(CachePolicy):
     """A fixed ``(steps, units)`` boolean plan -- True = compute -- e.g. a learned router thresholded at inference.
-    A generation with more steps than the plan is refused."""
+    ``model`` (a :func:`~fastdiff.cache.hooks.model_id`) and ``timesteps`` (the sampler's timesteps it was made
+    for), when given, are checked: another model, step count or sampler is refused with the mismatch named."""
 
     mask: Tensor
-    model: str = ""
+    model: str | None = None
+    timesteps: Sequence[float] | None = None
 
     def __post_init__(self):
         self.mask = torch.as_tensor(self.mask, dtype=torch.bool)
         if self.mask.ndim != 2:
             raise InputError(f"a cache mask is (steps, units); got shape {tuple(self.mask.shape)}")
+        if self.timesteps is not None and len(self.timesteps) != self.mask.shape[0]:
+            raise InputError(f"a cache plan needs one timestep per step: {self.mask.shape[0]} steps, {len(self.timesteps)} timesteps")
 
-    def bind(self, units: list[str]) -> None:
+    def bind(self, units: list[str], model: str) -> None:
+        if self.model is not None and self.model != model:
+            raise InputError(f"this cache plan was made for the model {self.model}; this model is {model} "
+                             "(another class or config). Train a router for this model")  # fmt: skip
         if self.mask.shape[1] != len(units):
-            raise InputError(f"this cache plan{f' for {self.model}' if self.model else ''} has {self.mask.shape[1]} units per step; "
+            raise InputError(f"this cache plan has {self.mask.shape[1]} units per step; "
                              f"the model has {len(units)} ({units[0]} ... {units[-1]})")  # fmt: skip
 
+    def begin_step(self, ctx: StepContext) -> None:
+        steps = self.mask.shape[0]
+        if ctx.step >= steps:
+            raise InputError(f"this cache plan covers {steps} steps; the sampler is at step {ctx.step + 1}. "
+                             f"Use it with {steps} steps or make a new one")  # fmt: skip
+        if self.timesteps is not None and abs(ctx.timestep - float(self.timesteps[ctx.step])) > 1e-3 * max(1.0, abs(ctx.timestep)):
+            raise InputError(f"this cache plan was made for timesteps {_short(self.timesteps)} ({steps} steps); at step {ctx.step} the "
+                             f"sampler gives timestep {ctx.timestep:g}, expected {float(self.timesteps[ctx.step]):g}. "
+                             "Use the same scheduler and step count, or make a new plan")  # fmt: skip
+
     def should_compute(self, ctx: StepContext, unit: int) -> bool:
-        if ctx.step >= self.mask.shape[0]:
-            raise InputError(f"this cache plan{f' for {self.model}' if self.model else ''} covers {self.mask.shape[0]} steps; "
-                             f"the sampler is at step {ctx.step + 1}. Use it with {self.mask.shape[0]} steps or make a new one")  # fmt: skip
         return bool(self.mask[ctx.step, unit]) or ctx.step == 0
+
+
+def _short(values: Sequence[float]) -> str:
+    shown = ", ".join(f"{float(v):g}" for v in list(values)[:3])
+    return f"[{shown}, ...]" if len(values) > 3 else f"[{shown}]"
