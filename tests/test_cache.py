@@ -402,3 +402,27 @@ def test_policies_see_the_step_and_sigma():
     for c in seen:
         assert c.sigma == pytest.approx(float(schedule.t_to_sigma(torch.tensor(c.timestep, dtype=torch.float64))), rel=1e-9)
     assert seen[0].sigma > seen[1].sigma > seen[3].sigma > 0
+
+
+def test_fastdiff_scheduler_with_a_repeated_timestep():
+    """fastdiff's PLMS queries the model twice at its second timestep (N + 1 calls): every call is a step of the
+    same generation, never-reuse stays bit-identical, and a router plan covers all N + 1 calls."""
+    from fastdiff.cache import Router, apply_router, model_id
+    from fastdiff.samplers.diffusers import PLMSScheduler
+
+    pipe = _dit_pipe()
+    pipe.scheduler = PLMSScheduler.from_config(pipe.scheduler.config)
+    plain = _sample(pipe, steps=5)
+    assert torch.equal(_sample(pipe, steps=5), plain)  # a second pipeline call starts from the same noise
+    apply_cache(pipe.transformer, NeverReuse())
+    assert torch.equal(_sample(pipe, steps=5), plain) and cache_stats(pipe.transformer)["steps"] == 6
+    remove_cache(pipe.transformer)
+    pipe.scheduler.set_timesteps(5)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert len(timesteps) == 6 and timesteps[1] == timesteps[2]
+    router = Router([n for n, _, _ in cache_units(pipe.transformer)], timesteps, model_id(pipe.transformer))
+    with torch.no_grad():
+        router.rows[3].fill_(-5.0)  # the 4th call reuses every block
+    apply_router(pipe.transformer, router)
+    cached = _sample(pipe, steps=5)
+    assert cache_stats(pipe.transformer)["reuse_rate_per_step"] == [0, 0, 0, 1, 0, 0] and not torch.equal(cached, plain)

@@ -150,11 +150,9 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def init_noise_sigma(self) -> float:
-        """Std of ``x_t`` at the first grid point: ``s(sigma_0) sigma_0`` (about 1)."""
-        if len(self.sigmas) == 0:
-            return 1.0
-        sigma = self.sigmas[0]
-        return float(self.schedule.scale(sigma) * sigma)
+        """1, as diffusers' VP and flow schedulers: the starting noise is ``N(0, I)``. (Pipelines read it *before*
+        ``set_timesteps``, so a value that depended on the grid would carry the previous call's grid into this one.)"""
+        return 1.0
 
     @property
     def step_index(self) -> int | None:
