@@ -95,9 +95,6 @@ def _calibrated(threshold: float) -> Callable:
     return apply
 
 
-ROUTER_ITERATIONS = {"quick": 2, "full": 40}
-
-
 def _router(beta: float, forecast: int, init_every: int, quick: bool) -> Callable:
     """The learned HarmoniCa router (SDT + IEPO), trained in the run for this step count."""
 
@@ -105,7 +102,7 @@ def _router(beta: float, forecast: int, init_every: int, quick: bool) -> Callabl
         from fastdiff.cache import RouterConfig, apply_router, train_router
 
         cfg = RouterConfig(steps=steps, beta=beta, forecast=forecast, init_every=init_every, batch_size=4 if quick else 16,
-                           iterations=ROUTER_ITERATIONS["quick" if quick else "full"], lambda_batch=2 if quick else 8)  # fmt: skip
+                           iterations=2 if quick else 40, lambda_batch=2 if quick else 8)  # fmt: skip
         (router, record), seconds = _prepared(("router", steps, beta, forecast, init_every), lambda: train_router(pipe, cfg, progress=False))
         apply_router(pipe.transformer, router)
         return {"setup_seconds": seconds, "router_computed": record["computed"][-1]}

@@ -240,13 +240,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
     if args.action == "calibrate":
         _refuse_overwrite([out], args.overwrite)
         pipe = _pipeline_for_cache(args)
-        fit = calibrate(pipe, args.steps, degree=args.degree, generations=args.generations, batch=args.batch_size)
+        fit = calibrate(pipe, args.steps, degree=args.degree, generations=args.generations, batch=args.batch_size, seed=args.seed)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(fit, indent=1) + "\n")
         print(f"wrote {out}: degree {fit['degree']} polynomial, R^2 {fit['r2']:.3f} over {len(fit['probe_change'])} steps")
         print(f"use it: fastdiff sample --cache threshold:0.1:{out} ...  or  load_calibration('{out}', threshold=0.1)")
         return
-    record_path = out.with_suffix(".json")
+    record_path = out.with_name(out.stem + "_training.json")  # never the router file itself
     _refuse_overwrite([out, record_path], args.overwrite)
     cfg = RouterConfig(steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, beta=args.beta,
                        forecast=args.forecast, init_every=args.init_every, guidance_scale=args.guidance, seed=args.seed)  # fmt: skip

@@ -69,6 +69,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(teacher_path(cfg.teacher))
+    if cfg.cache:  # a bad cache setting fails now, not after minutes of sampling
+        remove_cache(apply_cache_spec(cached_model(pipe), cfg.cache))
     extractor = load_extractor(cfg.teacher)
     reference = source_features(load_source(f"{cfg.teacher}:test", 1), extractor, progress=progress)
     base_config = dict(pipe.scheduler.config)

@@ -8,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
 from fastdiff.cli import main
+from fastdiff.errors import InputError
 from fastdiff.extractors import ASSETS, load_extractor
 from fastdiff.pipelines import ClassConditionalPipeline
 from fastdiff.quickstart import QuickstartConfig, run_quickstart
@@ -47,6 +48,18 @@ def test_quickstart_smoke(tmp_path):
     assert all(np.isfinite(r["fid"]) for r in record["rows"])
     for name in ("quickstart.json", "fid_vs_nfe.png", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_quickstart_refuses_a_bad_cache_setting_before_sampling(tmp_path, monkeypatch):
+    import fastdiff.sampling
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the cache setting")
+
+    monkeypatch.setattr(fastdiff.sampling, "sample_pipeline", no_sampling)
+    cfg = QuickstartConfig(teacher="digits", schedulers=("ddim",), steps=(2,), num_samples=4, out=str(tmp_path), cache="every:0")
+    with pytest.raises(InputError, match="interval must be an integer >= 1"):
+        run_quickstart(cfg, progress=False)
 
 
 def test_sample_cli(tmp_path):

@@ -47,9 +47,10 @@ class _Recorder(CachePolicy):
         self.prev = probe.detach()
 
 
-def calibrate(pipe, steps: int, call: Callable | None = None, degree: int = 4, generations: int = 4, batch: int = 8) -> dict:
+def calibrate(pipe, steps: int, call: Callable | None = None, degree: int = 4, generations: int = 4, batch: int = 8,
+              seed: int = 0) -> dict:  # fmt: skip
     """Fit the rescaling polynomial for ``pipe``'s model at ``steps`` steps over ``generations`` calls of
-    ``call(pipe, steps, batch, seed)`` (default: fastdiff's class-conditional pipeline). Returns ``coefficients`` (highest degree first), the fit's R^2 and the points."""
+    ``call(pipe, steps, batch, seed + g)`` (default: fastdiff's class-conditional pipeline). Returns ``coefficients`` (highest degree first), the fit's R^2 and the points."""
     from fastdiff.cache.router import class_conditional_call
 
     call = call or class_conditional_call
@@ -64,7 +65,7 @@ def calibrate(pipe, steps: int, call: Callable | None = None, degree: int = 4, g
         for g in range(generations):
             recorder.changes, outputs[:] = [], []
             with torch.no_grad():
-                call(pipe, steps, batch, g)
+                call(pipe, steps, batch, seed + g)
             ys += [rel_l1(outputs[i], outputs[i - 1]) for i in range(1, len(outputs))]
             xs += recorder.changes
     finally:

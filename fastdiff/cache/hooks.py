@@ -80,7 +80,7 @@ class _StepHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        if self.state.counting:  # multiply-accumulates are counted on the first call only
+        if self.state.counting and not self.state.bypass:  # multiply-accumulates: the first cached call only
             self.state.counting = False
             for handle in self.state.counters:
                 handle.remove()
@@ -235,7 +235,7 @@ def cache_units(model: nn.Module, branch: int = 0) -> list[tuple[str, nn.Module,
 
 def _count_macs(state: _State):
     def hook(module, inputs, output):
-        if not state.counting or not isinstance(output, Tensor):
+        if not state.counting or state.bypass or not isinstance(output, Tensor):
             return
         if isinstance(module, nn.Linear):
             macs = output.numel() * module.in_features

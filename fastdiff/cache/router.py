@@ -135,19 +135,23 @@ class RouterGate(CachePolicy):
     router: Router
     threshold: float = 0.1
     until: int | None = None
+    _scores: Tensor | None = None  # this step's scores, computed once per model call (with autograd where enabled)
 
     def bind(self, units: list[str], model: str) -> None:
         if len(units) != len(self.router.units):
             raise InputError(f"the router has {len(self.router.units)} units; the model has {len(units)}")
 
+    def begin_step(self, ctx: StepContext) -> None:
+        self._scores = self.router.scores()[ctx.step] if self._routed(ctx.step) else None
+
     def _routed(self, step: int) -> bool:
         return 0 < step < len(self.router.rows) and (self.until is None or step < self.until)
 
     def gate(self, ctx: StepContext, unit: int) -> Tensor | None:
-        return self.router.scores()[ctx.step, unit] if self._routed(ctx.step) else None
+        return None if self._scores is None else self._scores[unit]
 
     def should_compute(self, ctx: StepContext, unit: int) -> bool:
-        return not self._routed(ctx.step) or bool(self.router.scores()[ctx.step, unit] > self.threshold)
+        return self._scores is None or bool(self._scores[unit] > self.threshold)
 
 
 def iepo_loss(pred: Tensor, target: Tensor, scores: Tensor, lam: float | Tensor, beta: float) -> dict[str, Tensor]:
