@@ -4,7 +4,8 @@ A :class:`DistillRecipe` (YAML in ``recipes/``) names the objective, data, stude
 evaluation; :func:`run_distill` builds them, trains (``--resume latest`` continues), evaluates the EMA student with
 the domain FID of 1- and 2-step samples, and saves it as a diffusers pipeline folder in ``output_dir/student``:
 iCT/iLCT students with diffusers' ``CMStochasticIterativeScheduler``, CD students with ``LCMScheduler`` -- both load
-back with ``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``).
+back with ``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``). Unconditional iCT/iLCT students
+(``conditional: false``) are saved as diffusers' own ``ConsistencyModelPipeline``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ConsistencyConfig:
     s0: int = 10
     s1: int = 1280
     loss: Literal["pseudo_huber", "cauchy"] = "pseudo_huber"
-    huber_c: float | None = None  # None: 0.00054 sqrt(d) (pseudo-Huber) / the adaptive c(N) (Cauchy)
+    huber_c: float | None = None  # None: 0.00054 sqrt(d) (pseudo-Huber; Cauchy's first stage), then Cauchy's c(N)
     diffusion_weight: float = 0.0
     ot: bool = False
     non_scaling_layernorm: bool = False
@@ -55,8 +56,8 @@ class DistillConfig:
     num_ddim_timesteps: int = 50
     guidance_scale: float = 1.0
     target_ema: float = 0.95
-    loss: Literal["l2", "pseudo_huber"] = "l2"
-    huber_c: float = 0.001
+    loss: Literal["l2", "pseudo_huber", "pseudo_huber_elementwise"] = "l2"  # l2: diffusers' LCM scripts' default
+    huber_c: float = 0.001  # c of the pseudo-Huber losses (LCM scripts' --huber_c default)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class DistillRecipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     p_uncond: float = 0.1  # label dropout, for classifier-free guidance of the student
+    conditional: bool = True  # false: no labels reach the student (iCT/iLCT only; needs p_uncond: 0)
     output_dir: str = "runs/ict"
     expected: str = ""
 
@@ -98,13 +100,18 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
     from fastdiff.objectives.consistency import ConsistencyDistillation, ConsistencyTraining, non_scaling_layernorm
     from fastdiff.schedules import VPSchedule
 
+    if not recipe.conditional and (recipe.objective == "cd" or recipe.p_uncond > 0 or recipe.model.kind != "unet"):
+        raise InputError("conditional: false is for iCT/iLCT with model.kind: unet and p_uncond: 0 (CD distils a "
+                         f"class-conditional teacher); got objective {recipe.objective}, model.kind {recipe.model.kind}, "
+                         f"p_uncond {recipe.p_uncond}")  # fmt: skip
     if recipe.objective in ("ict", "ilct"):
         c = recipe.consistency
-        net = build_model(recipe.model, channels, size, num_classes)
+        classes = num_classes if recipe.conditional else None
+        net = build_model(recipe.model, channels, size, classes)
         if c.non_scaling_layernorm:
             non_scaling_layernorm(net)
         objective = ConsistencyTraining(
-            net, num_classes, recipe.trainer.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho,
+            net, classes, recipe.trainer.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho,
             p_mean=c.p_mean, p_std=c.p_std, s0=c.s0, s1=c.s1, loss=c.loss, huber_c=c.huber_c, diffusion_weight=c.diffusion_weight,
             ot=c.ot, p_uncond=recipe.p_uncond,
         )  # fmt: skip
@@ -142,17 +149,25 @@ def _lcm_scheduler(teacher_config: dict, original_steps: int):
 
 
 def student_pipeline(net: nn.Module, scheduler: Any):
+    """The pipeline the student ships in: diffusers' ``ConsistencyModelPipeline`` for an unconditional UNet (no class
+    embedding), else fastdiff's ``ClassConditionalPipeline``."""
+    from diffusers import ConsistencyModelPipeline
+
     from fastdiff.pipelines import ClassConditionalPipeline
 
     key = "unet" if "UNet" in type(net).__name__ else "transformer"
-    pipe = ClassConditionalPipeline(scheduler=scheduler, **{key: net})
+    if key == "unet" and net.config.get("num_class_embeds") is None:
+        pipe = ConsistencyModelPipeline(unet=net, scheduler=scheduler)
+    else:
+        pipe = ClassConditionalPipeline(scheduler=scheduler, **{key: net})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int, steps: int, seed: int = 0) -> Tensor:
-    """``n`` class-balanced samples of ``steps`` model evaluations: the consistency sampler at iCT's levels for
-    iCT/iLCT students (``sigma_max``, then ``two_step_sigma``), the pipeline with ``LCMScheduler`` for CD."""
+    """``n`` class-balanced (or unconditional) samples of ``steps`` model evaluations: the consistency sampler at
+    iCT's levels for iCT/iLCT students (``sigma_max``, then ``two_step_sigma``), the pipeline with ``LCMScheduler``
+    for CD."""
     from fastdiff.denoisers import consistency_precond
     from fastdiff.samplers import sample_consistency
     from fastdiff.sampling import sample_pipeline
@@ -165,12 +180,16 @@ def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int
         torch.exp(torch.linspace(torch.tensor(c.sigma_max).log(), torch.tensor(c.sigma_min * 10).log(), steps)).tolist()
     sigmas = torch.tensor([*levels, 0.0])
     f = consistency_precond(net, c.sigma_min, c.sigma_data, noise_scale=1000.0)
-    labels = torch.arange(n) % pipe.num_classes
+    labels = torch.arange(n) % pipe.num_classes if recipe.conditional else None
+
+    def cond(i: int) -> dict[str, Tensor]:
+        return {} if labels is None else {"class_labels": labels[i : i + 256]}
+
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *pipe.image_shape, generator=gen) * c.sigma_max
+    x = torch.randn(n, net.config.in_channels, net.config.sample_size, net.config.sample_size, generator=gen) * c.sigma_max
     with torch.no_grad():
-        return torch.cat([sample_consistency(f, x[i : i + 256], sigmas, {"class_labels": labels[i : i + 256]}, generator=gen,
-                                             sigma_min=c.sigma_min) for i in range(0, n, 256)])  # fmt: skip
+        return torch.cat([sample_consistency(f, x[i : i + 256], sigmas, cond(i), generator=gen, sigma_min=c.sigma_min)
+                          for i in range(0, n, 256)])  # fmt: skip
 
 
 def _evaluator(recipe: DistillRecipe, scheduler: Any):
@@ -209,9 +228,10 @@ def run_distill(recipe: DistillRecipe, resume: str | None = None, progress: bool
         raise InputError(f"{student_dir} already exists; remove it or pass --set output_dir=NEW_DIR")
     torch.manual_seed(recipe.trainer.seed)  # the student's initial weights
     d = recipe.data
-    data = load_dataset(d.name, "train", d.root, d.size, d.channels, labels=True)
-    if data.data.ndim != 4 or data.num_classes < 1:
-        raise InputError(f"{d.name}: consistency recipes need labelled images (N, C, H, W); got {tuple(data.data.shape)}")
+    data = load_dataset(d.name, "train", d.root, d.size, d.channels, labels=recipe.conditional)
+    if data.data.ndim != 4 or (recipe.conditional and data.num_classes < 1):
+        raise InputError(f"{d.name}: consistency recipes need images (N, C, H, W), labelled unless conditional: false; "
+                         f"got {tuple(data.data.shape)} with {data.num_classes} classes")  # fmt: skip
     channels, size = data.data.shape[1], data.data.shape[2]
     objective, scheduler = build_objective(recipe, channels, size, data.num_classes)
     fingerprint = {k: v for k, v in to_dict(recipe).items() if k not in ("expected",)}
@@ -232,7 +252,8 @@ def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out
 
     tmp, student_dir = out / "student.tmp", out / "student"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_teacher(student_pipeline(ema_net.cpu(), scheduler), tmp)
+    pipe = student_pipeline(ema_net.cpu(), scheduler)
+    save_teacher(pipe, tmp) if recipe.conditional else pipe.save_pretrained(tmp, safe_serialization=True)  # diffusers' own class
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] if (out / "eval.jsonl").is_file() else []
     (tmp / "training.json").write_text(json.dumps({
         "recipe": to_dict(recipe), "command": " ".join(sys.argv), "steps": recipe.trainer.steps, "resumed_from_step": record["start_step"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 from fastdiff.errors import InputError
 from fastdiff.trainer import TrainerConfig, train
 
-__all__ = ["LCMLoRARecipe", "SDConfig", "load_captioned_folder", "run_lcm_lora", "save_lora"]
+__all__ = ["LCMLoRARecipe", "SDConfig", "load_captioned_folder", "lcm_objective", "run_lcm_lora", "save_lora"]
 
 
 @dataclass
@@ -39,7 +40,9 @@ class SDConfig:
     guidance_scale: float = 6.0  # w ~ U[6, 16] in D_u + w (D_c - D_u), i.e. LCM's w in [5, 15]
     guidance_max: float = 16.0
     num_ddim_timesteps: int = 50
-    loss: str = "pseudo_huber"
+    # diffusers' LCM(-LoRA) scripts: --loss_type defaults to "l2", but their README's SD-1.5 / SDXL commands pass
+    # --loss_type="huber" -- the element-wise mean(sqrt((a - b)^2 + c^2) - c) with --huber_c 0.001 (default).
+    loss: Literal["l2", "pseudo_huber", "pseudo_huber_elementwise"] = "pseudo_huber_elementwise"
     huber_c: float = 0.001
 
 
@@ -106,13 +109,26 @@ def save_lora(unet, folder: str | Path) -> Path:
     return Path(folder)
 
 
+def lcm_objective(sd: SDConfig, unet, scheduler_config: dict, conditioner):
+    """The :class:`~fastdiff.objectives.consistency.ConsistencyDistillation` of ``sd`` for a Stable Diffusion
+    ``unet`` (LoRA on it, or a full student with a guidance embedding) and its scheduler's config."""
+    from fastdiff.objectives.consistency import ConsistencyDistillation
+    from fastdiff.schedules import VPSchedule
+
+    return ConsistencyDistillation(
+        unet, VPSchedule.from_config(scheduler_config), scheduler_config.get("prediction_type", "epsilon"), conditioner,
+        num_ddim_timesteps=sd.num_ddim_timesteps, guidance_scale=sd.guidance_scale, guidance_max=sd.guidance_max,
+        loss=sd.loss, huber_c=sd.huber_c, lora_rank=sd.lora_rank, target_ema=0.0 if sd.lora_rank else 0.95,
+        guidance_embedding=None if sd.lora_rank else sd.guidance_embedding_dim,
+    )  # fmt: skip
+
+
 def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: bool = True) -> Path:
     """Distil ``recipe.sd.pretrained`` into a LoRA adapter saved in ``output_dir/lora``."""
     from diffusers import StableDiffusionPipeline
 
     from fastdiff.config import to_dict
-    from fastdiff.objectives.consistency import ConsistencyDistillation, TextConditioner
-    from fastdiff.schedules import VPSchedule
+    from fastdiff.objectives.consistency import TextConditioner
 
     out = Path(recipe.output_dir)
     for name in ("lora", "unet"):
@@ -125,13 +141,7 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
     pipe = StableDiffusionPipeline.from_pretrained(sd.pretrained, local_files_only=True, safety_checker=None, requires_safety_checker=False)
     images, captions = load_captioned_folder(sd.data_root, sd.resolution)
     latents, prompts, null = _encode(pipe, images, captions)
-    config = dict(pipe.scheduler.config)
-    objective = ConsistencyDistillation(
-        pipe.unet, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), TextConditioner(prompts, null),
-        num_ddim_timesteps=sd.num_ddim_timesteps, guidance_scale=sd.guidance_scale, guidance_max=sd.guidance_max,
-        loss=sd.loss, huber_c=sd.huber_c, lora_rank=sd.lora_rank, target_ema=0.0 if sd.lora_rank else 0.95,
-        guidance_embedding=None if sd.lora_rank else sd.guidance_embedding_dim,
-    )  # fmt: skip
+    objective = lcm_objective(sd, pipe.unet, dict(pipe.scheduler.config), TextConditioner(prompts, null))
     fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
     unet, record = train(objective, latents, torch.arange(len(captions)), recipe.trainer, out, fingerprint, resume=resume, progress=progress)
     name = "lora" if sd.lora_rank else "unet"

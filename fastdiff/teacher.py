@@ -88,8 +88,9 @@ class TeacherRecipe:
     expected: str = ""  # what the recipe costs and gives, for people reading it
 
 
-def build_model(cfg: ModelConfig, channels: int, size: int, num_classes: int) -> nn.Module:
-    """The diffusers model of ``cfg`` for ``channels x size x size`` images and ``num_classes`` (+1 null) labels."""
+def build_model(cfg: ModelConfig, channels: int, size: int, num_classes: int | None) -> nn.Module:
+    """The diffusers model of ``cfg`` for ``channels x size x size`` images and ``num_classes`` (+1 null) labels
+    (``None``: an unconditional UNet, without class embedding)."""
     if cfg.kind == "unet":
         from diffusers import UNet2DModel
 
@@ -99,7 +100,8 @@ def build_model(cfg: ModelConfig, channels: int, size: int, num_classes: int) ->
         return UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=cfg.layers_per_block,
             block_out_channels=cfg.block_out_channels, down_block_types=tuple(down), up_block_types=tuple(up),
-            num_class_embeds=num_classes + 1, norm_num_groups=min(32, cfg.block_out_channels[0]), dropout=cfg.dropout,
+            num_class_embeds=None if num_classes is None else num_classes + 1, norm_num_groups=min(32, cfg.block_out_channels[0]),
+            dropout=cfg.dropout,
         )  # fmt: skip
     from diffusers import DiTTransformer2DModel
 

@@ -2,15 +2,16 @@
 adapter off, and the saved LoRA loads back into a stock StableDiffusionPipeline with LCMScheduler."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_sd_pipeline
+from conftest import tiny_cond_unet, tiny_sd_pipeline
 from PIL import Image
 
-from fastdiff.config import from_dict
+from fastdiff.config import from_dict, load_config
 from fastdiff.errors import InputError
-from fastdiff.lcm_lora import LCMLoRARecipe, run_lcm_lora
+from fastdiff.lcm_lora import LCMLoRARecipe, lcm_objective, run_lcm_lora
 
 
 def _captioned(folder):
@@ -86,3 +87,28 @@ def test_full_lcm_student_with_guidance_embedding_runs_in_lcm_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a photo", num_inference_steps=2, guidance_scale=8.0, height=8, width=8, output_type="np").images
     assert images.shape == (1, 8, 8, 3)
+
+
+def test_sd_recipe_loss_is_diffusers_elementwise_pseudo_huber():
+    """recipes/lcm_lora_sd15.yaml trains on mean(sqrt((f_student - f_target)^2 + c^2) - c), c = 0.001: what the
+    LCM-LoRA commands of diffusers' README run (--loss_type huber), not iCT's whole-sample pseudo-Huber."""
+    from diffusers import DDPMScheduler
+
+    from fastdiff.objectives.consistency import TextConditioner
+
+    recipe = load_config(LCMLoRARecipe, Path(__file__).resolve().parent.parent / "recipes" / "lcm_lora_sd15.yaml")
+    cond = TextConditioner(torch.randn(3, 5, 16), torch.zeros(5, 16))
+    obj = lcm_objective(recipe.sd, tiny_cond_unet(), dict(DDPMScheduler().config), cond)
+    calls, consistency_fn = [], obj.consistency_fn
+
+    def record(*args):  # (model, x_t, t, cond): the student's f, then the target's
+        calls.append((consistency_fn(*args), args[2]))
+        return calls[-1][0]
+
+    obj.consistency_fn = record
+    out = obj({"x": torch.randn(2, 4, 8, 8), "labels": torch.tensor([0, 2]), "seeds": torch.tensor([1, 2])}, "student", 0)
+    (student, _), (target, t_prev) = calls
+    assert bool((t_prev > 0).all())  # no sample at the boundary, where the target would be x_prev itself
+    c = 0.001
+    by_hand = (((student.double() - target.double()) ** 2 + c * c).sqrt() - c).mean()
+    torch.testing.assert_close(out.terms["distillation"].double(), by_hand, rtol=1e-5, atol=0)

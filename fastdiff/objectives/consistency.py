@@ -12,6 +12,9 @@
   scalings, so diffusers' ``LCMScheduler`` samples it; the target is one DDIM step of the (guided) teacher on the
   ``k``-skipped grid, evaluated by an EMA copy of the student.
 
+Both are class-conditional with label dropout (the null label or prompt, seen by every pass of a dropped sample),
+or, built without classes, unconditional: the network then gets no labels.
+
 Grids here are ascending: index 0 is ``sigma_min`` (the reference notes' index-direction trap).
 """
 
@@ -29,13 +32,13 @@ from torch import Tensor, nn
 from fastdiff.denoisers import call_model, consistency_precond
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
-from fastdiff.objectives.losses import cauchy, ict_huber_c, pseudo_huber, squared_l2
+from fastdiff.objectives.losses import distance, ict_huber_c, weighted_denoising_mse
 from fastdiff.param import lcm_scalings, x0_from_output
 
 __all__ = [
-    "karras_levels", "ict_num_levels", "lognormal_level_probs", "lct_cauchy_c", "ot_pairing", "ConsistencyTraining",
-    "ConsistencyDistillation", "ClassConditioner", "TextConditioner", "non_scaling_layernorm", "guidance_embedding",
-    "with_guidance_embedding",
+    "karras_levels", "ict_num_levels", "lognormal_level_probs", "lct_cauchy_c", "lct_diffusion_mask", "ot_pairing",
+    "ConsistencyTraining", "ConsistencyDistillation", "ClassConditioner", "TextConditioner", "non_scaling_layernorm",
+    "guidance_embedding", "with_guidance_embedding",
 ]  # fmt: skip
 
 
@@ -60,9 +63,28 @@ def lognormal_level_probs(levels: Tensor, p_mean: float = -1.1, p_std: float = 2
     return p / p.sum()
 
 
-def lct_cauchy_c(num_levels: int, s0: int = 10, c0: float = 0.0346) -> float:
-    """iLCT's adaptive Cauchy scale: ``c0`` on the first stage, then ``exp(-1.15 ln(N - 1) - 0.85)``."""
-    return c0 if num_levels <= s0 + 1 else math.exp(-1.15 * math.log(num_levels - 1) - 0.85)
+def lct_cauchy_c(num_levels: int, dim: int, s0: int = 10) -> float:
+    """iLCT's adaptive Cauchy scale for samples of ``dim`` numbers: iCT's ``0.00054 sqrt(dim)`` on the first stage
+    (LCT ``train_cm_latent.py`` L198; 0.0346 only for its 4x32x32 latents), then ``exp(-1.15 ln(N - 1) - 0.85)``
+    once ``N > s0 + 1`` (L351-352)."""
+    return ict_huber_c(dim) if num_levels <= s0 + 1 else math.exp(-1.15 * math.log(num_levels - 1) - 0.85)
+
+
+def lct_diffusion_mask(i: Tensor, num_levels: int) -> Tensor:
+    """iLCT's diffusion-loss subset: the pairs ``i`` (student at level ``i + 1`` of the ascending grid) whose student
+    level is in the lowest-noise quarter, ``i <= N - 2 - int(0.75 N)`` (N = 11: i <= 1; 21: i <= 4; 81: i <= 19)."""
+    # LCT (models/karras_diffusion.py L200) keeps `indices >= int(0.75 N)`, `indices` being the student's index m on
+    # its grid indexed from sigma_max (student at m, target at m + 1). Ascending level i + 1 is LCT's m = N - 2 - i.
+    return (num_levels - 2 - i) >= int(0.75 * num_levels)
+
+
+def _selected_mean(values: Tensor, selected: Tensor) -> Tensor:
+    """Mean of ``values`` over the ``selected`` samples; 0 (with a gradient graph) when none is selected."""
+    # LCT averages over the selected samples only (`losses["diff_loss"].mean()`, train_cm_latent.py L373, of the
+    # already-masked `diff_loss`, karras_diffusion.py L234). For an empty selection that mean is NaN and LCT's loop
+    # skips the step and exits (L383-397); LCT is silent on a better choice -- here such a batch trains on the
+    # consistency term alone. The mean is per micro-batch (as LCT's is per GPU).
+    return torch.where(selected, values, torch.zeros_like(values)).sum() / selected.sum().clamp(min=1)
 
 
 def ot_pairing(x: Tensor, noise: Tensor) -> Tensor:
@@ -97,10 +119,25 @@ def _same_dropout(seed: int, device: torch.device):
         yield
 
 
-def _drop_labels(labels: Tensor, seeds: Tensor, p_uncond: float, null: int) -> Tensor:
-    """Labels replaced by the null label with probability ``p_uncond``, per sample (stream 2 of its seed)."""
-    drop = per_sample_rand(seeds, 2, labels.device) < p_uncond
-    return torch.where(drop, torch.full_like(labels, null), labels)
+def _dropped(seeds: Tensor, p_uncond: float) -> Tensor:
+    """Which samples lose their condition (label dropout with probability ``p_uncond``; stream 2 of each seed)."""
+    return per_sample_rand(seeds, 2, seeds.device) < p_uncond
+
+
+def _condition(conditioner: Any, batch: dict[str, Tensor], null: Tensor) -> dict[str, Tensor]:
+    """The model's keyword arguments for ``batch`` (none for an unconditional objective); ``null`` marks the samples
+    that get the null condition."""
+    if conditioner is None:
+        return {}
+    if "labels" not in batch:
+        raise InputError("this objective is conditional, so the batch needs 'labels'; build it without classes "
+                         "(num_classes=None / conditioner=None) for unconditional training")  # fmt: skip
+    return conditioner(batch["labels"], null)
+
+
+def _check_unconditional(conditional: bool, p_uncond: float) -> None:
+    if not conditional and p_uncond > 0:
+        raise InputError(f"p_uncond={p_uncond} drops labels, but this objective is unconditional; set p_uncond=0")
 
 
 def _view(v: Tensor, x: Tensor) -> Tensor:
@@ -112,21 +149,26 @@ class ConsistencyTraining(Objective):
 
     Args:
         net: the raw network ``F`` (a diffusers model), conditioned on ``250 ln sigma``.
-        num_classes: real classes; label ``num_classes`` is the null label (dropped with ``p_uncond``).
+        num_classes: real classes; label ``num_classes`` is the null label (dropped with ``p_uncond``). ``None``:
+            unconditional -- ``net`` gets no labels and the batch needs none (iCT's CIFAR-10 results).
         total_steps: training steps, for the curriculum.
         huber_c: pseudo-Huber ``c``; ``None`` = ``0.00054 sqrt(d)``. For Cauchy, ``None`` = the adaptive ``c(N)``.
+        diffusion_weight: iLCT's diffusion loss weight (5), on the samples whose student level is in the
+            lowest-noise quarter (:func:`lct_diffusion_mask`), averaged over those samples.
     """
 
     phases = ("student",)
 
-    def __init__(self, net: nn.Module, num_classes: int, total_steps: int, *, sigma_min: float = 0.002,
+    def __init__(self, net: nn.Module, num_classes: int | None, total_steps: int, *, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0, p_mean: float = -1.1,
                  p_std: float = 2.0, s0: int = 10, s1: int = 1280, loss: str = "pseudo_huber", huber_c: float | None = None,
                  diffusion_weight: float = 0.0, ot: bool = False, p_uncond: float = 0.1):  # fmt: skip
         super().__init__()
         if loss not in ("pseudo_huber", "cauchy"):
             raise InputError(f"consistency loss must be 'pseudo_huber' or 'cauchy'; got {loss!r}")
+        _check_unconditional(num_classes is not None, p_uncond)
         self.student = consistency_precond(net, sigma_min, sigma_data, noise_scale=1000.0)  # registers net once
+        self.conditioner = ClassConditioner(num_classes) if num_classes is not None else None
         self.num_classes, self.total_steps, self.loss_kind = num_classes, total_steps, loss
         self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.p_mean, self.p_std, self.s0, self.s1 = p_mean, p_std, s0, s1
@@ -145,6 +187,12 @@ class ConsistencyTraining(Objective):
     def levels(self, step: int) -> Tensor:
         return karras_levels(ict_num_levels(step, self.total_steps, self.s0, self.s1), **self.grid)
 
+    def scale_c(self, num_levels: int, dim: int) -> float:
+        """The robust loss's ``c`` for samples of ``dim`` numbers on a grid of ``num_levels``."""
+        if self.huber_c is not None:
+            return self.huber_c
+        return ict_huber_c(dim) if self.loss_kind == "pseudo_huber" else lct_cauchy_c(num_levels, dim, self.s0)
+
     def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
         x, seeds = batch["x"], batch["seeds"]
         levels = self.levels(step).to(x.device)
@@ -155,26 +203,19 @@ class ConsistencyTraining(Objective):
         z = per_sample_randn(x, seeds, 1)
         if self.ot:
             z = ot_pairing(x, z)
-        labels = _drop_labels(batch["labels"], seeds, self.p_uncond, self.num_classes)
+        cond = _condition(self.conditioner, batch, _dropped(seeds, self.p_uncond))
         sigma, sigma_next = levels[i], levels[i + 1]
         dropout_seed = int(seeds[0]) % (2**62)
         with _same_dropout(dropout_seed, x.device):
-            student = self.student(x + _view(sigma_next, x) * z, sigma_next.to(x.dtype), class_labels=labels)
-        with _same_dropout(dropout_seed, x.device), torch.no_grad():
-            target = self.student(x + _view(sigma, x) * z, sigma.to(x.dtype), class_labels=labels)
-        weight = (1 / (sigma_next - sigma)).to(x.dtype)
-        if self.loss_kind == "pseudo_huber":
-            c = self.huber_c if self.huber_c is not None else ict_huber_c(x[0].numel())
-            distance = pseudo_huber(student.float(), target.float(), c)
-        else:
-            c = self.huber_c if self.huber_c is not None else lct_cauchy_c(n, self.s0)
-            distance = cauchy(student.float(), target.float(), c)
-        terms = {"consistency": (weight * distance).mean()}
-        if self.diffusion_weight > 0:  # the lowest-noise quarter of the levels (sLCT: index >= 0.75 N from sigma_max)
-            low = (i < 0.25 * n).to(x.dtype)
-            lam = 1 / sigma_next.to(x.dtype) ** 2 + 1 / self.sigma_data**2
-            per_sample = lam * squared_l2(student.float(), x.float()) / x[0].numel()
-            terms["diffusion"] = self.diffusion_weight * (low * per_sample).mean()
+            student = self.student(x + _view(sigma_next, x) * z, sigma_next.to(x.dtype), **cond)
+        with _same_dropout(dropout_seed, x.device), torch.no_grad():  # iCT: the target is sg(f_theta), EMA rate 0
+            target = self.student(x + _view(sigma, x) * z, sigma.to(x.dtype), **cond)
+        weight = (1 / (sigma_next - sigma)).to(torch.float32)
+        c = self.scale_c(n, x[0].numel())
+        terms = {"consistency": (weight * distance(self.loss_kind, student, target, c)).mean()}
+        if self.diffusion_weight > 0:  # L = mean(L_CM) + 5 mean(L_diff over the selected samples), LCT L370-378
+            per_sample = weighted_denoising_mse(student.float(), x.float(), sigma_next.float(), self.sigma_data)
+            terms["diffusion"] = self.diffusion_weight * _selected_mean(per_sample, lct_diffusion_mask(i, n))
         return LossOutput(terms, {"num_levels": n, "c": c, "mean_sigma": float(sigma_next.mean())})
 
 
@@ -234,11 +275,16 @@ class ConsistencyDistillation(Objective):
         teacher: the teacher's network; ``schedule`` its :class:`~fastdiff.schedules.VPSchedule` and
             ``prediction_type`` its output.
         conditioner: turns the batch's labels into model keyword arguments (:class:`ClassConditioner`,
-            :class:`TextConditioner`); an ``int`` means class labels with that many classes.
+            :class:`TextConditioner`); an ``int`` means class labels with that many classes; ``None``: an
+            unconditional teacher (no labels, no guidance, no label dropout).
         num_ddim_timesteps: the skipping grid (LCM: 50 -> k = 20 training timesteps per jump).
         guidance_scale: the teacher's classifier-free guidance ``w`` (``D_u + w (D_c - D_u)``, 1 = none); with
             ``guidance_max``, ``w`` is drawn per sample from ``U[guidance_scale, guidance_max]`` (LCM's ``w + 1``).
         target_ema: decay of the target network (LCM: 0.95; 0 = the student itself under stop-gradient).
+        loss: ``"l2"`` (per-element mean of squares; the default of diffusers' LCM scripts),
+            ``"pseudo_huber_elementwise"`` (their ``--loss_type huber``, ``c = huber_c``) or ``"pseudo_huber"``
+            (iCT's whole-sample norm); see :mod:`fastdiff.objectives.losses`.
+        p_uncond: label dropout; a dropped sample is unconditional for the teacher, the student and the target.
         lora_rank: train a LoRA adapter (peft) on the teacher instead of a full copy (LCM-LoRA): the teacher is the
             same network with the adapter disabled, the target the student under stop-gradient.
         guidance_embedding: give the (full) student LCM's guidance-scale embedding of dimension
@@ -252,8 +298,11 @@ class ConsistencyDistillation(Objective):
                  target_ema: float = 0.95, loss: str = "l2", huber_c: float = 0.001, timestep_scaling: float = 10.0,
                  p_uncond: float = 0.0, lora_rank: int | None = None, guidance_embedding: int | None = None):  # fmt: skip
         super().__init__()
-        if loss not in ("l2", "pseudo_huber"):
-            raise InputError(f"distillation loss must be 'l2' or 'pseudo_huber'; got {loss!r}")
+        if loss not in ("l2", "pseudo_huber", "pseudo_huber_elementwise"):
+            raise InputError(f"distillation loss must be 'l2', 'pseudo_huber' or 'pseudo_huber_elementwise'; got {loss!r}")
+        if conditioner is None and (guidance_scale != 1 or (guidance_max or 1) != 1):
+            raise InputError("classifier-free guidance needs a conditional teacher; pass a conditioner or guidance_scale=1")
+        _check_unconditional(conditioner is not None, p_uncond)
         if schedule.num_train_timesteps % num_ddim_timesteps:
             raise InputError(f"num_ddim_timesteps={num_ddim_timesteps} must divide the teacher's {schedule.num_train_timesteps} timesteps")
         self.conditioner = ClassConditioner(conditioner) if isinstance(conditioner, int) else conditioner
@@ -309,26 +358,30 @@ class ConsistencyDistillation(Objective):
             self.net.enable_adapters()
 
     @torch.no_grad()
-    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, labels: Tensor, w: Tensor) -> Tensor:
+    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond: dict, uncond: dict, w: Tensor) -> Tensor:
         """One DDIM step of the guided teacher from ``t`` to ``t_prev`` (``t_prev = -1``: to the clean sample)."""
-        none, every = torch.zeros_like(labels, dtype=torch.bool), torch.ones_like(labels, dtype=torch.bool)
         with self._teacher() as teacher:
             if bool((w != 1).any()):
-                cond = {k: torch.cat([u, c]) for (k, u), c in zip(self.conditioner(labels, every).items(),
-                                                                   self.conditioner(labels, none).values())}  # fmt: skip
-                x0_2, alpha, beta = self._x0(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), cond)
+                both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+                x0_2, alpha, beta = self._x0(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), both)
                 x0_u, x0_c = x0_2.chunk(2)
                 x0, alpha, beta = x0_u + _view(w, x_t) * (x0_c - x0_u), alpha.chunk(2)[0], beta.chunk(2)[0]
             else:
-                x0, alpha, beta = self._x0(teacher, x_t, t, self.conditioner(labels, none))
+                x0, alpha, beta = self._x0(teacher, x_t, t, cond)
         eps = (x_t - alpha * x0) / beta
         abar_prev = torch.where(t_prev >= 0, self.schedule.alphas_cumprod.to(x_t.device)[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float64))
         abar_prev = _view(abar_prev.to(x_t.dtype), x_t)
         return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
 
     def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
-        x, seeds, labels = batch["x"], batch["seeds"], batch["labels"]
-        dropped = per_sample_rand(seeds, 2, x.device) < self.p_uncond
+        x, seeds = batch["x"], batch["seeds"]
+        # Label dropout: the teacher, the student and the target all see the dropped sample's null condition, so its
+        # guided teacher D_u + w (D_c - D_u) is the unconditional teacher D_u. diffusers' LCM scripts drop captions
+        # the same way (--proportion_empty_prompts turns the caption into "" before it is encoded, for all three;
+        # their uncond branch is "" too), though they pass proportion_empty_prompts=0, i.e. never drop.
+        dropped = _dropped(seeds, self.p_uncond)
+        cond = _condition(self.conditioner, batch, dropped)
+        uncond = _condition(self.conditioner, batch, torch.ones_like(dropped))
         n_ddim = self.schedule.num_train_timesteps // self.k
         j = (per_sample_rand(seeds, 0, x.device) * n_ddim).long().clamp(max=n_ddim - 1) + 1  # 1..n_ddim
         t = j * self.k - 1  # 19, 39, ..., 999
@@ -338,20 +391,16 @@ class ConsistencyDistillation(Objective):
         noise = per_sample_randn(x, seeds, 1)
         abar = _view(self.schedule.alphas_cumprod.to(x.device)[t].to(x.dtype), x)
         x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
-        x_prev = self._teacher_ddim(x_t, t, t_prev, labels, w)
-        cond = self.conditioner(labels, dropped)
+        x_prev = self._teacher_ddim(x_t, t, t_prev, cond, uncond, w)
         if self.embed_dim:
             cond = {**cond, "timestep_cond": guidance_embedding(w - 1, self.embed_dim).to(x.dtype)}
         student = self.consistency_fn(self.net, x_t, t, cond)
-        with torch.no_grad():
+        with torch.no_grad():  # the target f_theta-(x_prev, t_prev): EMA copy, or (LCM-LoRA) the student itself
             target_net = self.target if getattr(self, "target", None) is not None else self.net
             target = self.consistency_fn(target_net, x_prev, t_prev.clamp(min=0), cond)
             target = torch.where(_view(t_prev < 0, x).bool(), x_prev, target)  # f(x, 0) = x: the boundary, exactly
-        if self.loss_kind == "l2":
-            distance = (student.float() - target.float()).flatten(1).pow(2).mean(1)
-        else:
-            distance = pseudo_huber(student.float(), target.float(), self.huber_c)
-        return LossOutput({"distillation": distance.mean()}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())})
+        loss = distance(self.loss_kind, student, target, self.huber_c).mean()
+        return LossOutput({"distillation": loss}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())})
 
     @torch.no_grad()
     def after_step(self, phase: str) -> None:
