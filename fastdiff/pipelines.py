@@ -93,12 +93,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         labels = self._labels(class_labels, batch_size).to(self.device)
         n = labels.shape[0]
         model = self.model
+        # the grid first: init_noise_sigma of sigma-space schedulers (Euler, Heun) depends on it, as in diffusers' pipelines
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         x = randn_tensor((n, *self.image_shape), generator=generator, device=self.device, dtype=model.dtype)
         x = x * self.scheduler.init_noise_sigma
         null = torch.full_like(labels, self.num_classes)
         guided = guidance_scale != 1.0
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             y_in = torch.cat([null, labels]) if guided else labels

@@ -50,6 +50,7 @@ __all__ = [
     "unshift_flow_time",
     "time_shift",
     "undo_time_shift",
+    "stretch_to_terminal",
     "dynamic_shift_mu",
     "add_noise",
     "schedule_from_config",
@@ -269,6 +270,14 @@ def undo_time_shift(t_shifted: Tensor, mu: float, kind: str = "exponential", pow
     check_in_range("shifted flow time", t_shifted, 0.0, 1.0, rel_tol=0)
     m = math.exp(mu) if kind == "exponential" else mu
     return 1 / (1 + (m * (1 / t_shifted - 1)) ** (1 / power))
+
+
+def stretch_to_terminal(t: Tensor, terminal: float) -> Tensor:
+    """Stretch descending flow times so the last is ``terminal``, keeping ``1 - t`` proportional (LTX-Video's schedule;
+    diffusers' ``shift_terminal``): ``1 - t' = (1 - t) (1 - terminal) / (1 - t_last)``."""
+    check_in_range("shift_terminal", torch.as_tensor(terminal), 0.0, 1.0, rel_tol=0)
+    t = torch.as_tensor(t)
+    return 1 - (1 - t) * (1 - terminal) / (1 - t[-1])
 
 
 def dynamic_shift_mu(

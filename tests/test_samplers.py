@@ -92,8 +92,23 @@ def test_grids():
 
     sched = VPSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     torch.testing.assert_close(S.vp_sigmas(sched, 4)[:-1], sched.t_to_sigma(vp_timesteps(1000, 4, "trailing").double()))
-    f = S.flow_sigmas(4, shift=3.0)
-    assert (f[1:] < f[:-1]).all() and f[-1] == 0 and torch.isfinite(f).all()
+
+
+
+def test_flow_sigmas_are_flow_match_eulers_grid():
+    """The functional flow grid is FlowMatchEuler's (SD3's shift 3 at 4 steps: t = 1, 0.858, 0.602, 0.0089), in sigma
+    space t / (1 - t), pure noise read at FLOW_T_MAX, then 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fastdiff.samplers.grids import FLOW_T_MAX
+
+    for config, kw in (({"shift": 3.0}, {}), ({"use_dynamic_shifting": True}, {"mu": 0.8}), ({"shift_terminal": 0.05}, {})):
+        ref = FlowMatchEulerDiscreteScheduler(**config)
+        ref.set_timesteps(4, **kw)
+        t = ref.sigmas.double().clamp(max=FLOW_T_MAX)
+        torch.testing.assert_close(S.flow_sigmas(4, **config, **kw), t / (1 - t), rtol=1e-6, atol=0)
+    with pytest.raises(InputError, match="unknown flow grid option"):
+        S.flow_sigmas(4, shfit=3.0)
 
 
 def test_bad_input(problem):
@@ -182,7 +197,77 @@ def test_pndm_parity_with_diffusers(problem, skip_prk):
         ours = S.sample_plms(gmm, x, sigmas)
         assert calls == n + 1
     else:
-        mid = lambda s, s_next: sched.t_to_sigma(sched.sigma_to_t(s).round() - delta // 2)  # noqa: E731
-        ours = S.sample_fpndm(gmm, x, sigmas, sigma_mid=mid)
+        ours = S.sample_fpndm(gmm, x, sigmas, schedule=sched)  # half steps t - delta/2, delta = 100
         assert calls == n + 9
     torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-5)  # at sigma = 0 native and sigma space coincide
+
+
+# -- one rule per method ---------------------------------------------------------------------------------------------
+
+
+def test_fpndm_half_step_is_the_timestep_midpoint(problem):
+    """Paper eq. 10 (official code: `(t + t_next) / 2`): PRK's 2nd and 3rd evaluations are at the midpoint of the
+    model's timesteps -- of sigma itself without a schedule (EDM), of the VP timesteps with one."""
+    from fastdiff.schedules import VPSchedule
+
+    gmm, x, _ = problem
+    seen = []
+    record = lambda info: seen.append(info.sigma.item())  # noqa: E731
+    sigmas = S.karras_sigmas(6, 0.05, 3.0)
+    S.sample_fpndm(gmm, x, sigmas, callback=record)
+    assert seen[1] == seen[2] == pytest.approx(((sigmas[0] + sigmas[1]) / 2).item(), rel=1e-12)
+    vp = VPSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    grid = S.vp_sigmas(vp, 6, "trailing")  # timesteps 999, 832, ... : first half step at t = 915.5
+    seen.clear()
+    S.sample_fpndm(gmm, x, grid, callback=record, schedule=vp)
+    assert vp.sigma_to_t(torch.tensor(seen[1:3], dtype=torch.float64)).tolist() == pytest.approx([915.5, 915.5], abs=1e-9)
+
+
+def _official_hb_dpmpp_2m(den, x_t, sigma_bar, beta):
+    """sWizad/momentum-diffusion's `MomentumDPMSolverMultistepScheduler` (DPM-Solver++(2M), midpoint) inside
+    diffusers-0.18's `DPMSolverMultistepScheduler.step` with `lower_order_final` and fewer than 15 steps, transcribed in
+    VP variables (alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t)) on a grid of sigma_bar = sigma_t / alpha_t."""
+    alpha = 1 / (1 + sigma_bar**2).sqrt()
+    sigma = sigma_bar * alpha
+    lam = torch.log(alpha / sigma)
+    model_outputs, vel, n = [], None, len(sigma_bar) - 1
+    for i in range(n):
+        model_outputs.append(den(x_t / alpha[i], sigma_bar[i]))  # convert_model_output: the data prediction
+        m0, h = model_outputs[-1], lam[i + 1] - lam[i]
+        if i == 0 or i == n - 1:  # lower_order_nums < 1 / lower_order_final: first-order update, no momentum
+            x_t = (sigma[i + 1] / sigma[i]) * x_t - alpha[i + 1] * (torch.exp(-h) - 1.0) * m0
+            continue
+        r0 = (lam[i] - lam[i - 1]) / h
+        D0, D1 = m0, (1.0 / r0) * (m0 - model_outputs[-2])
+        diff = D0 + 0.5 * D1
+        vel = diff if vel is None else (1 - beta) * vel + beta * diff
+        x_t = (sigma[i + 1] / sigma[i]) * x_t - alpha[i + 1] * (torch.exp(-h) - 1.0) * vel
+    return x_t
+
+
+@pytest.mark.parametrize("beta", [0.8, 0.5])
+def test_hb_dpmpp_2m_is_the_official_rule(problem, beta):
+    """Momentum only on the second-order steps: v starts at D0 + D1/2 on step 2; the first step and the lower-order final
+    step are plain first-order DPM-Solver++ steps (the official code)."""
+    gmm, _, _ = problem
+    sigma_bar = S.karras_sigmas(8, 0.03, 14.6)
+    x_t = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))  # pure noise at alpha ~ 0.07
+    expected = _official_hb_dpmpp_2m(gmm, x_t, sigma_bar, beta)
+    ours = S.sample_hb_dpmpp_2m(gmm, x_t * (1 + sigma_bar[0] ** 2).sqrt(), sigma_bar, beta=beta)
+    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=0)
+
+
+def test_pndm_family_multistep_is_one_rule(problem, monkeypatch):
+    """iPNDM and the multistep steps of PLMS, S-PNDM and F-PNDM are all `pndm.ipndm_rule` (after 0, 1, 1, 3 warm-up
+    steps)."""
+    from fastdiff.samplers import momentum, pndm
+
+    gmm, x, _ = problem
+    calls, rule = [], pndm.ipndm_rule
+    monkeypatch.setattr(pndm, "ipndm_rule", lambda *a, **k: calls.append(1) or rule(*a, **k))
+    sigmas = S.karras_sigmas(8, 0.05, 3.0)
+    for fn, steps in ((S.sample_ipndm, 8), (S.sample_plms, 7), (S.sample_spndm, 7), (S.sample_fpndm, 5)):
+        calls.clear()
+        fn(gmm, x, sigmas)
+        assert len(calls) == steps, fn.__name__
+    assert not hasattr(momentum, "ipndm_rule")

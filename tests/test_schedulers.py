@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from conftest import _tiny_tokenizer, _tiny_vae, tiny_unet
-from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from fastdiff import samplers as S
 from fastdiff.errors import InputError
@@ -21,7 +21,8 @@ from fastdiff.samplers.diffusers import (
     PLMSScheduler,
     SPNDMScheduler,
 )
-from fastdiff.schedules import flow_time_to_sigma
+from fastdiff.samplers.grids import FLOW_T_MAX, flow_grid, solver_sigmas
+from fastdiff.schedules import sigma_to_flow_time
 
 PAIRS = [
     (GHVBScheduler, S.sample_ghvb), (HeavyBallPLMSScheduler, S.sample_hb_plms), (HeavyBallDPMSolverScheduler, S.sample_hb_dpmpp_2m),
@@ -36,10 +37,11 @@ def _vp_config(**kw):
 
 
 def _run(scheduler, x_t, prediction="epsilon"):
-    """A pipeline's loop with the oracle as the model (epsilon, v or flow output)."""
+    """A pipeline's loop with the oracle as the model (epsilon, v or flow output); pure noise (flow t = 1) is read at
+    FLOW_T_MAX, as the solvers read it."""
     sched = scheduler.schedule
     for t in scheduler.timesteps:
-        sigma = sched.t_to_sigma(torch.as_tensor(t, dtype=torch.float64))
+        sigma = solver_sigmas(sched.t_to_sigma(torch.as_tensor(t, dtype=torch.float64)))
         a = sched.scale(sigma)
         x0 = GMM(x_t / a, sigma)
         eps = (x_t / a - x0) / sigma
@@ -56,7 +58,7 @@ def test_scheduler_equals_functional_sampler(cls, fn, prediction):
         scheduler = cls.from_config(_vp_config(timestep_spacing="trailing", prediction_type=prediction))
     scheduler.set_timesteps(10)
     x_t = torch.randn(8, 2, dtype=torch.float64) * scheduler.init_noise_sigma
-    extra = {"sigma_mid": scheduler._mid} if cls is FPNDMScheduler else {}
+    extra = {"schedule": scheduler.schedule} if cls is FPNDMScheduler else {}
     ours = fn(GMM, x_t / scheduler.schedule.scale(scheduler.grid[0]), scheduler.grid, **extra)
     torch.testing.assert_close(_run(scheduler, x_t, prediction), ours, atol=1e-10, rtol=0)
     assert len(scheduler.timesteps) == 10 + {PLMSScheduler: 1, SPNDMScheduler: 1, FPNDMScheduler: 9}.get(cls, 0)
@@ -102,11 +104,74 @@ def test_pndm_scheduler_started_part_way():
         scheduler.step(torch.zeros(1, 2), scheduler.timesteps[1], torch.zeros(1, 2))
 
 
+# FlowMatchEulerDiscreteScheduler configs x set_timesteps calls (mu is passed when the config shifts dynamically)
+FLOW_CONFIGS = [
+    {"shift": 3.0}, {}, {"shift": 0.5, "num_train_timesteps": 500}, {"use_dynamic_shifting": True},
+    {"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"shift": 3.0, "shift_terminal": 0.02},
+    {"shift": 3.0, "use_karras_sigmas": True}, {"shift": 2.0, "use_exponential_sigmas": True},
+    {"shift": 2.0, "use_beta_sigmas": True}, {"use_dynamic_shifting": True, "shift_terminal": 0.1, "use_karras_sigmas": True},
+]  # fmt: skip
+FLOW_CALLS = [{"num_inference_steps": 4}, {"num_inference_steps": 9}, {"sigmas": [1.0, 0.75, 0.5, 0.25]},
+              {"timesteps": [500.0, 350.0, 150.0, 25.0]}, {"sigmas": [1.0, 0.6, 0.3, 0.1], "timesteps": [490.0, 300.0, 50.0, 10.0]}]  # fmt: skip
+
+
+def _flow_reference(config, call):
+    ref = FlowMatchEulerDiscreteScheduler(**config)
+    mu = 0.8 if config.get("use_dynamic_shifting") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers warns that explicit timesteps bypass the shift
+        ref.set_timesteps(**call, mu=mu)
+    return ref, mu
+
+
+@pytest.mark.parametrize("call", FLOW_CALLS, ids=lambda c: "-".join(c))
+@pytest.mark.parametrize("config", FLOW_CONFIGS + [{"shift": 3.0, "invert_sigmas": True}], ids=str)
+def test_flow_grid_is_flow_match_eulers(config, call):
+    """fastdiff's one flow grid equals FlowMatchEulerDiscreteScheduler.set_timesteps: flow times (its `sigmas`) to 1e-6,
+    timesteps to 1e-6 T."""
+    ref, mu = _flow_reference(config, call)
+    grid = flow_grid(ref.config, call.get("num_inference_steps"), sigmas=call.get("sigmas"), timesteps=call.get("timesteps"), mu=mu)
+    t_ref = ref.sigmas[:-1].double()
+    torch.testing.assert_close(1 - grid.t if config.get("invert_sigmas") else grid.t, t_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grid.timesteps, ref.timesteps.double(), atol=1e-6 * ref.config.num_train_timesteps, rtol=0)
+
+
+@pytest.mark.parametrize("call", FLOW_CALLS, ids=lambda c: "-".join(c))
+@pytest.mark.parametrize("config", FLOW_CONFIGS, ids=str)
+def test_flow_schedulers_run_diffusers_grid(config, call):
+    """Swapped in from a FlowMatchEuler config, a fastdiff scheduler conditions the model on diffusers' timesteps and
+    steps through diffusers' flow times (pure noise read at FLOW_T_MAX); F-PNDM's extra evaluations are its half steps."""
+    ref, mu = _flow_reference(config, call)
+    for cls in (GHVBScheduler, FPNDMScheduler):
+        ours = cls.from_config(ref.config)
+        ours.set_timesteps(**call, mu=mu)
+        torch.testing.assert_close(ours.grid_timesteps, ref.timesteps.double(), atol=1e-6 * ref.config.num_train_timesteps, rtol=0)
+        t_ref = ref.sigmas.double().clamp(max=FLOW_T_MAX)
+        torch.testing.assert_close(sigma_to_flow_time(ours.grid), t_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.timesteps[::3][:2], ref.timesteps[:2])  # F-PNDM: t0, then its half step twice, t1
+    ghvb = GHVBScheduler.from_config(ref.config)
+    ghvb.set_timesteps(**call, mu=mu)
+    torch.testing.assert_close(ghvb.timesteps, ref.timesteps, atol=1e-6 * ref.config.num_train_timesteps, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", ["karras", "exponential", "beta"])
+def test_vp_sigma_spacings_are_dpm_solvers(spacing):
+    """`use_karras/exponential/beta_sigmas` from a DPM-Solver config: the same sigmas over the schedule's whole range;
+    timesteps are the exact fractional ones (DPM-Solver rounds Karras' and truncates the others to integers)."""
+    ref = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **{f"use_{spacing}_sigmas": True})
+    ref.set_timesteps(7)
+    ours = GHVBScheduler.from_config(ref.config)
+    ours.set_timesteps(7)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas.double(), rtol=1e-5, atol=0)
+    assert ((ours.timesteps - ref.timesteps).abs() <= 1).all()
+    torch.testing.assert_close(ours.schedule.t_to_sigma(ours.timesteps.double()), ours.sigmas[:-1], rtol=1e-5, atol=0)
+
+
 def test_flow_matching_grid_and_samples():
     scheduler = GHVBScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     assert scheduler.flow and scheduler.prediction_type == "flow"
     scheduler.set_timesteps(8)
-    assert scheduler.timesteps[0] == pytest.approx(999.9) and len(scheduler.timesteps) == 8
+    assert scheduler.timesteps[0] == 1000 and len(scheduler.timesteps) == 8
     x_t = torch.randn(8, 2, dtype=torch.float64)
     ours = S.sample_ghvb(GMM, x_t / scheduler.schedule.scale(scheduler.sigmas[0]), scheduler.sigmas)
     # the model is conditioned on float32 timesteps (t * 1000), hence 1e-6 rather than 1e-10
@@ -169,6 +234,10 @@ def test_bad_input():
         FPNDMScheduler().set_timesteps(3)
     with pytest.raises(InputError, match="unknown variant"):
         PLMSScheduler(variant="rk4")
+    with pytest.raises(InputError, match="invert_sigmas"):  # Mochi: not silently ignored
+        GHVBScheduler.from_config(FlowMatchEulerDiscreteScheduler(invert_sigmas=True).config)
+    with pytest.raises(InputError, match="only one of use_karras_sigmas"):
+        GHVBScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -203,19 +272,29 @@ def np_isfinite(array) -> bool:
     return bool(np.isfinite(array).all())
 
 
-@pytest.mark.parametrize("cls", [GHVBScheduler, FPNDMScheduler])
-def test_sd3_flow_matching_pipeline(tmp_path, cls):
-    """A flow-matching pipeline (SD3 layout, T5 left out as SD3 allows) with the scheduler swapped in from FlowMatchEuler."""
-    from conftest import tiny_sd3_pipeline
-
-    pipe = tiny_sd3_pipeline(tmp_path)
+def _swap_and_compare_grids(pipe, cls, **call):
+    """Run ``pipe`` with its FlowMatchEuler, then with ``cls`` swapped in: the pipeline must drive the fastdiff scheduler
+    over diffusers' grid -- the same timesteps (to 1e-6 T) and flow times (to 1e-6; pure noise read at FLOW_T_MAX)."""
+    pipe("a photo", height=8, width=8, output_type="latent", generator=torch.Generator().manual_seed(0), **call)
+    ref = pipe.scheduler
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.scheduler = cls.from_config(ref.config)
     assert pipe.scheduler.flow
-    images = pipe("a photo", num_inference_steps=4, height=8, width=8, output_type="np", max_sequence_length=16,
-                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    images = pipe("a photo", height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
     assert images.shape == (1, 8, 8, 3) and np_isfinite(images)
+    ours = pipe.scheduler
+    torch.testing.assert_close(ours.grid_timesteps, ref.timesteps.double(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(sigma_to_flow_time(ours.grid), ref.sigmas.double().clamp(max=FLOW_T_MAX), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [GHVBScheduler, FPNDMScheduler])
+def test_sd3_flow_matching_pipeline(tmp_path, cls):
+    """A flow-matching pipeline (SD3 layout, T5 left out as SD3 allows; shift 3) with the scheduler swapped in from
+    FlowMatchEuler runs diffusers' grid (1000, 857.7, 602.2, 8.9 at 4 steps)."""
+    from conftest import tiny_sd3_pipeline
+
+    _swap_and_compare_grids(tiny_sd3_pipeline(tmp_path), cls, num_inference_steps=4, max_sequence_length=16)
 
 
 @pytest.mark.parametrize("cls", [GHVBScheduler, PLMSScheduler])
@@ -223,10 +302,4 @@ def test_flux_pipeline_with_dynamic_shift(tmp_path, cls):
     """FluxPipeline passes sigmas, mu and set_begin_index(0); the T5 tokenizer is a word-level one built here."""
     from conftest import tiny_flux_pipeline
 
-    pipe = tiny_flux_pipeline(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    images = pipe("a photo", num_inference_steps=4, height=8, width=8, output_type="np", max_sequence_length=8,
-                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-    assert images.shape == (1, 8, 8, 3) and np_isfinite(images)
+    _swap_and_compare_grids(tiny_flux_pipeline(tmp_path), cls, num_inference_steps=4, max_sequence_length=8)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from fastdiff.errors import InputError
 from fastdiff.schedules import (
@@ -17,6 +17,7 @@ from fastdiff.schedules import (
     schedule_from_config,
     shift_flow_time,
     sigma_to_flow_time,
+    stretch_to_terminal,
     time_shift,
     undo_time_shift,
     unshift_flow_time,
@@ -130,6 +131,31 @@ def test_flow_add_noise_matches_scale_noise():
         expected = ref.scale_noise(x0, t, eps)
         sigma = flow_time_to_sigma(ref.sigmas[i].double())
         torch.testing.assert_close(add_noise(FlowSchedule(), x0.double(), eps.double(), sigma).float(), expected)
+
+
+def test_stretch_to_terminal_matches_diffusers():
+    ref = FlowMatchEulerDiscreteScheduler(shift_terminal=0.05)
+    t = torch.linspace(1.0, 0.2, 7, dtype=torch.float64)
+    stretched = stretch_to_terminal(t, 0.05)
+    torch.testing.assert_close(stretched, ref.stretch_shift_to_terminal(t))
+    assert stretched[-1] == pytest.approx(0.05) and stretched[0] == 1.0
+
+
+@pytest.mark.parametrize("ref, mu, tol", [
+    (FlowMatchEulerDiscreteScheduler(shift=3.0), {}, 1e-3),  # SD3: 1000, 857.692, 602.151, 8.929
+    (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.1), {"mu": 0.9}, 1e-3),
+    (DPMSolverMultistepScheduler(use_karras_sigmas=True, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+     {}, 0.5),  # DPM-Solver rounds its Karras timesteps; fastdiff keeps the exact fractional ones
+])  # fmt: skip
+def test_cli_schedule_prints_diffusers_grid(tmp_path, capsys, ref, mu, tol):
+    """`fastdiff schedule` prints the timesteps diffusers' own scheduler sets (one grid implementation for all)."""
+    from fastdiff.cli import main
+
+    ref.save_config(tmp_path)
+    assert main(["schedule", str(tmp_path), "--steps", "5", *(["--mu", str(mu["mu"])] if mu else [])]) == 0
+    printed = [float(line.split()[1]) for line in capsys.readouterr().out.splitlines()[1:]]
+    ref.set_timesteps(5, **mu)
+    assert printed == pytest.approx(ref.timesteps.tolist(), abs=tol)
 
 
 def test_schedule_from_config_picks_the_family():

@@ -8,8 +8,10 @@ hold no step rule of their own: each ``step`` converts the model output to the x
 keyed on ``step_index``, never on a call counter. The grid, the noising and the rest of the contract live in
 :class:`SigmaGridScheduler`.
 
-Flow-matching grids start at ``t = 1`` (pure noise, sigma = inf); the scheduler evaluates that first point at
-``t = FLOW_T_MAX`` (``1 - 1e-4``), which changes the input's interpretation by 1e-4 of the signal.
+Grids are diffusers' own (:func:`~fastdiff.samplers.grids.grid_from_config`): the same ``timesteps`` as
+FlowMatchEulerDiscreteScheduler for every flow config, as DDIM / DPM-Solver for VP ones. A flow grid starts at ``t = 1``
+(pure noise, sigma = inf): the model is conditioned on ``t = 1`` as in diffusers, and the solver starts from that point
+at ``t = FLOW_T_MAX`` (``1 - 1e-4``), reading the input as 1e-4 signal.
 """
 
 from __future__ import annotations
@@ -27,25 +29,17 @@ from torch import Tensor
 
 from fastdiff.errors import InputError, check_choice
 from fastdiff.param import canonical_prediction_type, x0_from_output
-from fastdiff.samplers.grids import karras_sigmas
-from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule, ipndm_rule
+from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
+from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
-from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, pndm_program
-from fastdiff.schedules import (
-    FlowSchedule,
-    VPSchedule,
-    flow_time_to_sigma,
-    shift_flow_time,
-    time_shift,
-    vp_timesteps,
-)
+from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, ipndm_rule, pndm_program
+from fastdiff.schedules import TIME_SHIFT_TYPES, FlowSchedule, VPSchedule
 
 __all__ = [
     "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler",
     "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "FLOW_T_MAX",
 ]  # fmt: skip
 
-FLOW_T_MAX = 1 - 1e-4
 SOLVERS = {
     "ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule, "ipndm": ipndm_rule,
 }  # fmt: skip
@@ -77,19 +71,25 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         self.prediction_type = canonical_prediction_type(prediction)
         self.flow = cfg.use_flow_sigmas or self.prediction_type == "flow"
         self.schedule = FlowSchedule(cfg.num_train_timesteps) if self.flow else VPSchedule.from_config(cfg)
+        sigma_spacing(cfg)  # at most one use_*_sigmas
+        check_choice("time_shift_type", cfg.time_shift_type, TIME_SHIFT_TYPES)
+        if cfg.invert_sigmas:
+            raise InputError("invert_sigmas (Mochi's reversed flow timesteps and velocity) is not supported by fastdiff's schedulers")
         self.sigmas = self.grid = torch.zeros(0)
-        self.timesteps = torch.zeros(0)
+        self.timesteps = self.grid_timesteps = torch.zeros(0)
         self.num_inference_steps = None
         self._step_index, self._begin_index = None, None
 
     @classmethod
     def from_config(cls, config: Any = None, **kwargs: Any) -> SigmaGridScheduler:
-        """As diffusers' ``from_config``; a flow-matching scheduler's config (FlowMatch*) turns on ``use_flow_sigmas``."""
+        """As diffusers' ``from_config``; a FlowMatch* config gives ``prediction_type="flow_prediction"``. (Not
+        ``use_flow_sigmas``: FluxPipeline reads that as "the scheduler builds its own grid" and stops passing sigmas.)"""
         from fastdiff.schedules import is_flow_config
 
         mapping = dict(getattr(config, "config", config) or {})
-        if is_flow_config(mapping) and "use_flow_sigmas" not in kwargs:
-            kwargs["use_flow_sigmas"] = True
+        explicit = {"use_flow_sigmas", "prediction_type"} & set(kwargs)
+        if is_flow_config(mapping) and not mapping.get("use_flow_sigmas") and not explicit:
+            kwargs["prediction_type"] = "flow_prediction"
         return super().from_config(config, **kwargs)
 
     # -- the grid ----------------------------------------------------------------------------------------------------
@@ -98,53 +98,31 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
+        timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
         mu: float | None = None,
     ) -> None:
-        """Build the grid from ``num_inference_steps``, explicit ``timesteps`` or ``sigmas`` (flow models: flow times,
-        as FlowMatchEuler takes them), with Flux's ``mu`` when ``use_dynamic_shifting``; resets all solver history."""
-        if sum(v is not None for v in (num_inference_steps, timesteps, sigmas)) == 0:
-            raise InputError("set_timesteps needs num_inference_steps, timesteps or sigmas")
-        if timesteps is not None and sigmas is not None:
-            raise InputError("pass either timesteps or sigmas, not both")
-        grid = self._flow_grid(num_inference_steps, timesteps, sigmas, mu) if self.flow else self._vp_grid(num_inference_steps, timesteps, sigmas)
-        self.integer_timesteps = not self.flow and sigmas is None and not self.config.use_karras_sigmas
-        self.num_inference_steps = len(grid)
+        """diffusers' grid for this config from ``num_inference_steps``, explicit ``timesteps`` and / or ``sigmas`` (flow
+        models: flow times, as FlowMatchEuler takes them) and Flux's ``mu`` (``use_dynamic_shifting``); resets all
+        solver history."""
+        grid = grid_from_config(self.schedule, self.config, num_inference_steps, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        self.integer_timesteps = grid.integer
+        self.num_inference_steps = len(grid.timesteps)
         self._step_index, self._begin_index = None, None
-        self.grid = torch.cat([grid, grid.new_zeros(1)]).to(device=device, dtype=torch.float64)  # the solver's steps
+        self.grid = check_sigmas(solver_sigmas(grid.sigmas), method=type(self).__name__)  # the solver's steps
+        self.grid_timesteps = grid.timesteps  # diffusers' timesteps: the model's at grid[:-1]
         self._install(self.grid)
+        moved = (v.to(device) for v in (self.grid, self.grid_timesteps, self.sigmas, self.timesteps))
+        self.grid, self.grid_timesteps, self.sigmas, self.timesteps = moved
 
     def _set_evaluations(self, sigmas: Tensor) -> None:
-        """The model is evaluated at ``sigmas[:-1]``: ``self.sigmas`` and the matching ``self.timesteps``."""
+        """The model is evaluated at ``sigmas[:-1]``: ``self.sigmas`` and the matching ``self.timesteps`` -- the grid's
+        own timesteps at grid points, the schedule's elsewhere (PRK half steps)."""
         self.sigmas = sigmas
-        self.timesteps = self.schedule.sigma_to_t(sigmas[:-1]).to(dtype=torch.float32)
-        if self.integer_timesteps:
-            self.timesteps = self.timesteps.round().long()  # integer grids stay integer, as the pipelines expect
-
-    def _vp_grid(self, n: int | None, timesteps: list[int] | None, sigmas: list[float] | None) -> Tensor:
-        if sigmas is not None:
-            return torch.as_tensor(sigmas, dtype=torch.float64)[: len(sigmas) - (sigmas[-1] == 0)]
-        if timesteps is not None:
-            return self.schedule.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64))
-        if self.config.use_karras_sigmas:
-            return karras_sigmas(n, self.schedule.sigma_min, self.schedule.sigma_max)[:-1]
-        t = vp_timesteps(self.config.num_train_timesteps, n, self.config.timestep_spacing, self.config.steps_offset)
-        return self.schedule.t_to_sigma(t.double())
-
-    def _flow_grid(self, n: int | None, timesteps: list[float] | None, sigmas: list[float] | None, mu: float | None) -> Tensor:
-        if timesteps is not None:
-            t = torch.as_tensor(timesteps, dtype=torch.float64) / self.config.num_train_timesteps
-        else:
-            t = torch.as_tensor(sigmas, dtype=torch.float64) if sigmas is not None else torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
-            if self.config.use_dynamic_shifting:
-                if mu is None:
-                    raise InputError("use_dynamic_shifting needs mu in set_timesteps (the pipeline computes it)")
-                t = time_shift(t, mu)
-            else:
-                t = shift_flow_time(t, self.config.shift)
-        t = t[t > 0].clamp(max=FLOW_T_MAX)
-        return flow_time_to_sigma(t)
+        on_grid = sigmas[:-1, None] == self.grid[None, :-1]
+        t = self.schedule.sigma_to_t(sigmas[:-1])
+        t = torch.where(on_grid.any(1), self.grid_timesteps[on_grid.double().argmax(1)], t)
+        self.timesteps = t.round().long() if self.integer_timesteps else t.to(torch.float32)  # integer grids stay integer
 
     # -- the diffusers contract ----------------------------------------------------------------------------------------
 
@@ -227,9 +205,11 @@ class MomentumScheduler(SigmaGridScheduler):
             DPM-Solver++(2M)), ``ipndm`` (PLMS with Adams-Bashforth warm-up) or ``dpmpp-2m``; default per class.
         solver_order: multistep order 1-4 (GHVB, HB-PLMS, iPNDM).
         momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
-        use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``.
+        use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``
+            (``use_exponential_sigmas``, ``use_beta_sigmas``: those spacings; all as DPM-Solver / FlowMatchEuler).
         use_flow_sigmas: treat the model as flow matching even if the config has betas.
-        The remaining arguments are diffusers' usual VP and flow-matching config fields.
+        The remaining arguments are diffusers' usual VP and FlowMatchEuler config fields, with FlowMatchEuler's grid
+        (``shift``, ``use_dynamic_shifting`` + ``time_shift_type``, ``shift_terminal``); ``invert_sigmas`` is refused.
     """
 
     _default_solver = "ghvb"
@@ -250,6 +230,8 @@ class MomentumScheduler(SigmaGridScheduler):
         solver_order: int = 4,
         momentum: float = 0.8,
         use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
         use_flow_sigmas: bool = False,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
@@ -257,6 +239,9 @@ class MomentumScheduler(SigmaGridScheduler):
         max_shift: float = 1.15,
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        invert_sigmas: bool = False,
     ):
         solver = solver or self._default_solver
         check_choice("solver", solver, SOLVERS)
@@ -303,6 +288,8 @@ class PseudoNumericalScheduler(SigmaGridScheduler):
         rescale_betas_zero_snr: bool = False,
         variant: str | None = None,
         use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
         use_flow_sigmas: bool = False,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
@@ -310,6 +297,9 @@ class PseudoNumericalScheduler(SigmaGridScheduler):
         max_shift: float = 1.15,
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        invert_sigmas: bool = False,
     ):
         variant = variant or self._default_variant
         check_choice("variant", variant, ("plms", "s-pndm", "f-pndm"))
@@ -319,17 +309,12 @@ class PseudoNumericalScheduler(SigmaGridScheduler):
 
     _default_variant = "plms"
 
-    def _mid(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        """PRK half step at the timestep midpoint (paper: ``t - delta/2``), an integer for integer grids."""
-        t = (self.schedule.sigma_to_t(sigma) + self.schedule.sigma_to_t(sigma_next)) / 2
-        return self.schedule.t_to_sigma(t.ceil() if self.integer_timesteps else t)  # t - ceil(delta / 2) = diffusers' t - T//N//2
-
     def _install(self, grid: Tensor) -> None:
         _, _, min_steps = PNDM_VARIANTS[self.config.variant]
         if len(grid) - 1 < min_steps:
             raise InputError(f"{self.config.variant} needs at least {min_steps} inference steps for its warm-up; got {len(grid) - 1}")
         self._program = None
-        dry = pndm_program(grid.new_zeros(1), grid, self.config.variant, self._mid)  # the evaluation points, in order
+        dry = self._program_for(grid.new_zeros(1), grid)  # the evaluation points, in order
         points, q = [], next(dry)
         try:
             while True:
@@ -349,16 +334,20 @@ class PseudoNumericalScheduler(SigmaGridScheduler):
             return done.value
         return q.x
 
+    def _program_for(self, x: Tensor, grid: Tensor) -> Program:
+        """This variant's program on ``grid``; F-PNDM's half steps at the timestep midpoints of this schedule."""
+        return pndm_program(x, grid, self.config.variant, self.schedule, self.integer_timesteps)
+
     def _start(self, x: Tensor, i: int) -> Program:
         """The program, advanced to its first query (which is evaluation ``i``)."""
         if i == 0:
-            program = pndm_program(x, self.grid.to(x.device), self.config.variant, self._mid)
+            program = self._program_for(x, self.grid.to(x.device))
         else:
             tail = self.sigmas[i:].to(x.device)
             if not bool((tail[1:] < tail[:-1]).all()):
                 raise InputError(f"{self.config.variant} cannot start at evaluation {i}: it is inside the warm-up; start at "
                                  f"index 0 or after the warm-up (>= {len(self.sigmas) - len(self.grid)})")  # fmt: skip
-            program = pndm_program(x, tail, "ab")
+            program = pndm_program(x, tail, "ipndm")
         next(program)
         return program
 

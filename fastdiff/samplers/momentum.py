@@ -1,7 +1,8 @@
 """Momentum samplers against divergence artifacts (Wizadwongsa et al., ICLR 2024, "Diffusion Sampling with Momentum
 for Mitigating Divergence Artifacts"): heavy ball (HB) on iPNDM/PLMS and on DPM-Solver++(2M), and the generalized
 heavy ball (GHVB). Each is a rule for :func:`~fastdiff.samplers.ode.sample_multistep`; ``beta = 1`` is exactly the base
-solver, ``beta < 1`` damps the update direction (first order for HB, as the paper proves).
+solver (iPNDM, :func:`~fastdiff.samplers.pndm.ipndm_rule`, or DPM-Solver++(2M)), ``beta < 1`` damps the update
+direction (first order for HB, as the paper proves).
 
 The float-order convention of the paper (``3.8`` = order 4 with ``beta = 0.8``) is :func:`split_order`.
 """
@@ -18,12 +19,12 @@ from torch import Tensor
 
 from fastdiff.errors import InputError
 from fastdiff.samplers._common import Callback, to_d, transfer
-from fastdiff.samplers.ode import State, dpmpp_2m_direction, sample_multistep
-from fastdiff.samplers.pndm import adams_bashforth
+from fastdiff.samplers.ode import State, dpmpp_2m_direction, dpmpp_2m_rule, dpmpp_update, named_rule, sample_multistep
+from fastdiff.samplers.pndm import adams_bashforth, check_order
 
 __all__ = [
-    "split_order", "ipndm_rule", "hb_plms_rule", "ghvb_rule", "hb_dpmpp_2m_rule", "ghvb_mix",
-    "sample_ipndm", "sample_hb_plms", "sample_ghvb", "sample_hb_dpmpp_2m",
+    "split_order", "hb_plms_rule", "ghvb_rule", "hb_dpmpp_2m_rule", "ghvb_mix", "sample_hb_plms", "sample_ghvb",
+    "sample_hb_dpmpp_2m",
 ]  # fmt: skip
 
 # Generalised Adams-Bashforth weights of GHVB for orders 1..4 as functions of beta, newest first; beta = 1 gives
@@ -37,8 +38,7 @@ _GHVB = {
 
 
 def _check(order: int, beta: float) -> None:
-    if order not in _GHVB:
-        raise InputError(f"order must be 1, 2, 3 or 4; got {order}")
+    check_order(order)
     if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
         raise InputError(f"momentum beta must be in (0, 1]; got {beta!r}")
 
@@ -55,14 +55,6 @@ def ghvb_mix(history: tuple[Tensor, ...], order: int, beta: float) -> Tensor:
     """GHVB's direction ``sum_j w_j(beta) v_j / beta`` over the newest ``min(order, len(history))`` velocities."""
     k = min(order, len(history))
     return sum(w * v for w, v in zip(_GHVB[k](beta), history)) / beta
-
-
-def ipndm_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None,
-               order: int = 4) -> tuple[Tensor, State]:  # fmt: skip
-    """iPNDM / PLMS with lower-order warm-up: Adams-Bashforth of order 1, 2, 3, then ``order`` on the noise estimates,
-    moved by the exact transfer; one evaluation per step."""
-    history = (to_d(x, denoised, sigma), *(state or ()))[:order]
-    return transfer(x, adams_bashforth(history, order), sigma, sigma_next), history
 
 
 def hb_plms_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None,
@@ -89,28 +81,22 @@ def ghvb_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, st
 
 def hb_dpmpp_2m_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None,
                      beta: float = 0.8) -> tuple[Tensor, State]:  # fmt: skip
-    """Heavy ball on DPM-Solver++(2M): momentum on its data prediction, ``x' = (sigma'/sigma) x - expm1(-h) v``."""
-    prev, velocity = (state[0], state[1]) if state else (None, None)
-    if sigma_next == 0:  # last step: first-order data prediction, as the base solver
-        return denoised if velocity is None else (1 - beta) * velocity + beta * denoised, None
+    """Heavy ball on DPM-Solver++(2M) as the official code has it (``MomentumDPMSolverMultistepScheduler``): only the
+    second-order steps carry momentum, on their data prediction ``D_hat = D0 + D1 / 2``; ``v`` starts at the first
+    ``D_hat`` (step 2), then ``v <- (1 - beta) v + beta D_hat`` and ``x' = (sigma'/sigma) x - expm1(-h) v``. The first
+    step (no history) and the lower-order final step to sigma = 0 are plain first-order DPM-Solver++ steps."""
+    history, velocity = state or (None, None)
+    if history is None or sigma_next == 0:
+        x_next, history = dpmpp_2m_rule(x, denoised, sigma, sigma_next)
+        return x_next, (history, velocity)
     h = torch.log(sigma / sigma_next)
-    d_hat = dpmpp_2m_direction(denoised, h, prev)
+    d_hat = dpmpp_2m_direction(denoised, h, history)
     velocity = d_hat if velocity is None else (1 - beta) * velocity + beta * d_hat
-    return (sigma_next / sigma) * x - torch.expm1(-h) * velocity, ((denoised, h), velocity)
+    return dpmpp_update(x, velocity, sigma, sigma_next, h), ((denoised, h), velocity)
 
 
 def _sampler(rule: Callable, name: str, **params: Any) -> Callable:
-    """A rule with its parameters, named for error messages."""
-    bound = partial(rule, **params)
-    bound.__name__ = name  # type: ignore[attr-defined]
-    return bound
-
-
-def sample_ipndm(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
-                 callback: Callback | None = None, order: int = 4) -> Tensor:  # fmt: skip
-    """iPNDM: PLMS with Adams-Bashforth warm-up, N evaluations for N steps."""
-    _check(order, 1.0)
-    return sample_multistep(_sampler(ipndm_rule, "ipndm", order=order), den, x, sigmas, cond, callback)
+    return named_rule(partial(rule, **params), name)
 
 
 def sample_hb_plms(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,

@@ -11,7 +11,10 @@ from torch import Tensor
 from fastdiff.samplers._common import Callback, denoise, to_d
 from fastdiff.samplers.grids import check_sigmas
 
-__all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "euler_rule", "dpmpp_2m_rule", "sample_multistep"]
+__all__ = [
+    "sample_euler", "sample_heun", "sample_dpmpp_2m", "euler_rule", "dpmpp_2m_rule", "dpmpp_update", "sample_multistep",
+    "named_rule",
+]  # fmt: skip
 
 State = Any
 Rule = Callable[[Tensor, Tensor, Tensor, Tensor, State], tuple[Tensor, State]]
@@ -27,6 +30,12 @@ def sample_multistep(rule: Rule, den: Callable, x: Tensor, sigmas: Tensor, cond:
         denoised = denoise(den, x, sigmas[i], cond, callback, i, sigmas[i + 1])
         x, state = rule(x, denoised, sigmas[i], sigmas[i + 1], state)
     return x
+
+
+def named_rule(rule: Callable, name: str) -> Callable:
+    """``rule`` (e.g. a ``partial`` with its parameters) named ``name`` for :func:`sample_multistep`'s error messages."""
+    rule.__name__ = name  # type: ignore[attr-defined]
+    return rule
 
 
 def euler_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None) -> tuple[Tensor, State]:
@@ -66,14 +75,19 @@ def dpmpp_2m_direction(denoised: Tensor, h: Tensor, state: State) -> Tensor:
     return (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
 
 
+def dpmpp_update(x: Tensor, data: Tensor, sigma: Tensor, sigma_next: Tensor, h: Tensor) -> Tensor:
+    """DPM-Solver++'s exponential-integrator step along a data prediction, ``h = log(sigma / sigma_next)`` (Lu et al.
+    2022b, eq. 10 in sigma space): ``x' = (sigma'/sigma) x - expm1(-h) data``."""
+    return (sigma_next / sigma) * x - torch.expm1(-h) * data
+
+
 def dpmpp_2m_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None) -> tuple[Tensor, State]:
-    """One DPM-Solver++(2M) step in ``lambda = -log sigma``: ``x' = (sigma'/sigma) x - expm1(-h) D_hat``; the step to
-    sigma = 0 returns the denoised estimate."""
+    """One DPM-Solver++(2M) step in ``lambda = -log sigma`` along :func:`dpmpp_2m_direction` (first order without
+    history); the step to sigma = 0 is first order too and returns the denoised estimate."""
     if sigma_next == 0:
         return denoised, None
     h = torch.log(sigma / sigma_next)
-    x_next = (sigma_next / sigma) * x - torch.expm1(-h) * dpmpp_2m_direction(denoised, h, state)
-    return x_next, (denoised, h)
+    return dpmpp_update(x, dpmpp_2m_direction(denoised, h, state), sigma, sigma_next, h), (denoised, h)
 
 
 def sample_dpmpp_2m(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
