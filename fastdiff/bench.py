@@ -275,6 +275,7 @@ COMMANDS = {name: f"fastdiff bench {name}" for name in RENDERERS}
 
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+FID_SCORED_AS = "uint8 pixels, as saved"  # recorded in every benchmark JSON (see fastdiff.images.to_pixels)
 
 
 def write_report(bench_dir: Path = BENCH_DIR, out: Path = ROOT / "BENCHMARKS.md", readme: Path | None = ROOT / "README.md") -> Path:
@@ -290,6 +291,9 @@ def write_report(bench_dir: Path = BENCH_DIR, out: Path = ROOT / "BENCHMARKS.md"
             PLOTS[name][1](data, Path(bench_dir) / PLOTS[name][0])
         m = data["machine"]
         lines += render(data)
+        if data.get("fid_scored_as") != FID_SCORED_AS:
+            lines += ["", "*FIDs in this section were scored before fastdiff scored the saved uint8 pixels (then: floats "
+                      "clipped to [-1, 1]); they move by up to a few percent when regenerated.*"]  # fmt: skip
         lines += [
             "",
             f"*Regenerate: `{COMMANDS[name]}`{' --quick' if data.get('quick') else ''}. Machine: {m['cpu']}, "
@@ -321,7 +325,7 @@ def run_bench(name: str, quick: bool, progress: bool = True) -> Path:
 
     runners = {"teachers": bench_teachers, "samplers": bench_samplers, "distill": bench_distill, "cache": bench_cache,
                "cache-unet": bench_cache_unet}  # fmt: skip
-    data = runners[name](quick=quick, progress=progress)
+    data = {**runners[name](quick=quick, progress=progress), "fid_scored_as": FID_SCORED_AS}
     BENCH_DIR.mkdir(exist_ok=True)
     path = BENCH_DIR / f"{name}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fastdiff.errors import InputError
 from fastdiff.extractors import Extractor
+from fastdiff.images import from_pixels, to_pixels
 from fastdiff.metrics import FeatureSet, extract_features, fid, kid, precision_recall
 
 __all__ = ["load_source", "source_features", "compare", "cache_dir", "ImageSource"]
@@ -44,7 +45,7 @@ def cache_dir() -> Path:
 
 
 def _hash_images(images: Tensor) -> str:
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    pixels = to_pixels(images).contiguous()
     h = hashlib.sha256(str(tuple(pixels.shape)).encode())
     h.update(pixels.numpy().tobytes())
     return h.hexdigest()
@@ -57,7 +58,7 @@ def _images_from_array(array: np.ndarray, where: str) -> Tensor:
         raise InputError(f"{where}: expected an image array (N, H, W, C) with C = 1 or 3; got shape {array.shape}")
     if array.dtype != np.uint8:
         raise InputError(f"{where}: expected uint8 pixels (0..255); got {array.dtype}")
-    return torch.from_numpy(array.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2).contiguous()
+    return from_pixels(torch.from_numpy(array)).permute(0, 3, 1, 2).contiguous()
 
 
 def load_source(spec: str, channels: int, size: int | None = None) -> ImageSource:
@@ -111,7 +112,8 @@ def source_features(
     wanted = extractor.image_shape[0] if extractor.image_shape else None
     if wanted is not None and channels != wanted:
         raise InputError(f"{source.description}: images have {channels} channels, the {extractor.name} extractor takes {wanted}")
-    key = f"{extractor.name}-{extractor.weights_sha256[:12]}-{source.content_sha256[:24]}.npz"
+    # "u8": features of the quantised pixels (entries written before every FID scored uint8 pixels are not reused)
+    key = f"{extractor.name}-{extractor.weights_sha256[:12]}-u8-{source.content_sha256[:24]}.npz"
     path = cache_dir() / key
     if use_cache and path.is_file():
         return FeatureSet.from_features(torch.from_numpy(np.load(path)["features"]))

@@ -5,7 +5,8 @@ the data sets' training splits (``scripts/train_extractors.py``); the feature is
 honest, cheap FIDs on these domains, where ImageNet's Inception features say little about 8x8 or 28x28 grayscale
 images. ``inception`` is the standard 2048-d pool feature with torch-fidelity's weights, as every paper reports.
 
-Every extractor maps float images in ``[-1, 1]`` of shape ``(N, C, H, W)`` to features ``(N, D)``.
+Every extractor maps float images in ``[-1, 1]`` of shape ``(N, C, H, W)`` to features ``(N, D)``, after quantising them
+to the uint8 pixels a saved image holds (:func:`fastdiff.images.to_pixels`): every FID scores what would be saved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.errors import InputError
+from fastdiff.images import from_pixels, to_pixels
 
 __all__ = ["DomainClassifier", "Extractor", "load_extractor", "EXTRACTORS", "ASSETS", "INCEPTION_WEIGHTS_NAME"]
 
@@ -101,12 +103,12 @@ class Extractor:
                 f"{self.name} extractor expects images of shape (N, {', '.join(map(str, self.image_shape))}); "
                 f"got {tuple(images.shape)}"
             )
+        pixels = to_pixels(images)  # score what would be saved: uint8, as the real images are
         if self.name == "inception":
             if images.shape[1] not in (1, 3):
                 raise InputError(f"inception expects 1 or 3 channels; got {images.shape[1]}")
-            pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             return self.module(pixels.expand(-1, 3, -1, -1)).float()
-        return self.module.features(images.float())
+        return self.module.features(from_pixels(pixels))
 
 
 def _sha256(path: Path) -> str:

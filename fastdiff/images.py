@@ -11,15 +11,28 @@ from torch import Tensor
 
 from fastdiff.errors import InputError
 
-__all__ = ["to_uint8", "image_grid", "save_grid"]
+__all__ = ["to_pixels", "from_pixels", "to_uint8", "image_grid", "save_grid"]
+
+
+def to_pixels(images: Tensor) -> Tensor:
+    """``[-1, 1]`` floats -> the uint8 pixels a saved image holds (clipped, rounded), same layout and device.
+
+    The one quantisation rule of fastdiff: saving (:func:`to_uint8`), content hashes and every FID use it, so a
+    sample scored on the fly and the same sample scored from its saved file give the same figure (the protocol of
+    EDM, clean-fid, OpenAI's evaluator and torch-fidelity, which all score uint8 images)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_pixels(pixels: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in ``[-1, 1]`` (exact inverse of :func:`to_pixels` on the 8-bit grid)."""
+    return pixels.float() / 127.5 - 1
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in ``[-1, 1]`` -> ``(N, H, W, C)`` uint8 (values outside are clipped, as when saving a PNG)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise InputError(f"expected images of shape (N, 1 or 3, H, W); got {tuple(images.shape)}")
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).numpy()
+    return to_pixels(images.cpu()).permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1):

@@ -32,6 +32,21 @@ def test_report_regenerates_benchmarks_and_readme(tmp_path):
     assert "stale" not in text and "### Teachers and the evaluator" in text and text.endswith(f"{README_END}\noutro\n")
 
 
+def test_report_flags_figures_scored_under_the_old_protocol(tmp_path):
+    """A benchmark JSON written before FIDs scored the saved uint8 pixels is marked as such in the report; a
+    regenerated one (``run_bench`` records ``fid_scored_as``) is not."""
+    from fastdiff.bench import FID_SCORED_AS
+
+    (tmp_path / "bench").mkdir()
+    old, new = tmp_path / "old.md", tmp_path / "new.md"
+    (tmp_path / "bench" / "teachers.json").write_text(json.dumps(_teachers_json()))
+    write_report(tmp_path / "bench", old, None)
+    (tmp_path / "bench" / "teachers.json").write_text(json.dumps({**_teachers_json(), "fid_scored_as": FID_SCORED_AS}))
+    write_report(tmp_path / "bench", new, None)
+    assert "scored before fastdiff scored the saved uint8 pixels" in old.read_text()
+    assert "scored before" not in new.read_text()
+
+
 def test_samplers_oracle_quick_orders():
     from fastdiff.bench import bench_samplers_oracle
 
@@ -116,3 +131,22 @@ def test_cache_unet_bench_quick(tmp_path):
     write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
     assert "## Feature caching on a UNet" in (tmp_path / "BENCHMARKS.md").read_text()
     assert (tmp_path / "bench" / "cache-unet_frontier.png").is_file()
+
+
+def test_distill_report_names_each_rows_recipe_switches(tmp_path):
+    """Rows of one recipe run with different switches (iLCT with / without OT) are told apart in the table."""
+    from fastdiff.bench_distill import DISTILL_RECIPES
+
+    stats = {"mean": 4.0, "std": 0.5, "values": [4.0]}
+    rows = [{"objective": label, "recipe": path, "overrides": list(o), "steps": 10, "batch_size": 8, "wall_minutes": 1.0,
+             "fid": {"1": stats, "2": stats}} for label, (path, o) in DISTILL_RECIPES.items()]  # fmt: skip
+    data = {"machine": machine(), "quick": False, "num_samples": 8, "seeds": [0], "teacher_50nfe": {**stats, "mean": 2.0},
+            "teacher_samplers": {"iPNDM": {"1": stats, "2": stats}}, "rows": rows,
+            "trainer_overhead": {"objective": "iCT", "batch_size": 8, "fastdiff_s_per_step": 0.1, "plain_s_per_step": 0.1, "overhead": 0.0}}  # fmt: skip
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "distill.json").write_text(json.dumps(data))
+    write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| iLCT | `recipes/ilct_digits.yaml` `--set consistency.ot=true` | 10 x 8 |" in report
+    assert "| iLCT without OT | `recipes/ilct_digits.yaml` `--set consistency.ot=false` | 10 x 8 |" in report
+    assert "| 2.0x |" in report  # 1-step FID / teacher

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_cond_unet, tiny_dit, tiny_flux, tiny_sd3, tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
 
-from fastdiff.denoisers import CFGDenoiser, Denoiser, DiffusersDenoiser, consistency_precond, edm_precond
+from fastdiff.denoisers import CFGDenoiser, DiffusersDenoiser, consistency_precond, edm_precond
 from fastdiff.errors import InputError
 from fastdiff.oracle import GaussianMixture
 from fastdiff.schedules import VPSchedule
@@ -87,12 +87,19 @@ def test_flux_transformer_gets_time_in_unit_interval():
 
 
 @torch.no_grad()
-def test_from_pipeline_and_protocol():
+def test_from_pipeline_is_the_pipelines_model_by_hand():
+    """``from_pipeline`` wraps the pipeline's own UNet and scheduler: at the sigma of training timestep 500,
+    ``D(x, sigma) = x - sigma eps(sqrt(abar) x, 500)`` for an epsilon model, a scalar sigma broadcast over the batch."""
     pipe = DDPMPipeline(unet=tiny_unet(), scheduler=_vp())
     den = DiffusersDenoiser.from_pipeline(pipe)
-    assert isinstance(den, Denoiser) and isinstance(GaussianMixture(torch.zeros(1, 2), 1.0), Denoiser)
-    out = den(torch.randn(3, 1, 8, 8), torch.tensor(2.0))  # a scalar sigma is broadcast
-    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+    assert den.model is pipe.unet
+    abar = pipe.scheduler.alphas_cumprod[500].double()
+    sigma = ((1 - abar) / abar).sqrt()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = pipe.unet(abar.sqrt().float() * x, torch.tensor(500.0)).sample
+        out = den(x, torch.tensor(float(sigma)))
+    torch.testing.assert_close(out, x - float(sigma) * eps, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_is_named():

@@ -11,7 +11,10 @@ from fastdiff.cli import main
 from fastdiff.errors import InputError
 from fastdiff.extractors import ASSETS, load_extractor
 from fastdiff.pipelines import ClassConditionalPipeline
-from fastdiff.quickstart import QuickstartConfig, run_quickstart
+from fastdiff.evaluation import load_source, source_features
+from fastdiff.pipelines import load_pipeline
+from fastdiff.quickstart import QuickstartConfig, fid_of_samples, run_quickstart
+from fastdiff.sampling import make_scheduler, sample_pipeline
 
 TEACHERS = ["digits", "fashion-mnist"]
 
@@ -33,19 +36,35 @@ def test_teacher_loads_offline_and_swaps_scheduler(name, monkeypatch):
 
 @pytest.mark.parametrize("name", TEACHERS)
 def test_extractor_is_accurate(name):
+    """The shipped classifier's accuracy, recomputed on the test split, is high and what its config records."""
+    from fastdiff.data import load_dataset
+
     record = json.loads((ASSETS / "extractors" / name / "config.json").read_text())
-    assert record["test_accuracy"] > 0.85
     ext = load_extractor(name)
-    assert ext(torch.zeros(2, *ext.image_shape)).shape == (2, 128)
+    test = load_dataset(name, "test")
+    with torch.no_grad():
+        predicted = torch.cat([ext.module(x).argmax(1) for x in test.data.split(2048)])
+    accuracy = (predicted == test.labels).float().mean().item()
+    assert accuracy > 0.85 and accuracy == pytest.approx(record["test_accuracy"], abs=2e-3)
+    assert ext(test.data[:2]).shape == (2, 128)
 
 
 def test_quickstart_smoke(tmp_path):
     cfg = QuickstartConfig(teacher="digits", schedulers=("ddim", "pndm"), steps=(2,), reference_steps=3,
                            num_samples=20, out=str(tmp_path))  # fmt: skip
     record = run_quickstart(cfg, progress=False)
+    ddim, pndm, teacher, cached = record["rows"]
     assert [r["nfe"] for r in record["rows"]] == [2, 3, 3, 3]  # the last: the teacher's run with the feature cache
-    assert record["rows"][-1]["sampler"].startswith("teacher: ddim + cache") and record["rows"][-1]["speedup"] > 0
-    assert all(np.isfinite(r["fid"]) for r in record["rows"])
+    assert cached["sampler"].startswith("teacher: ddim + cache") and "speedup" in cached
+    # each row scores its own samples: the teacher's row is the FID of a fresh 3-step DDIM run with the same seed
+    # (as saved uint8 pixels), and the cache really changed the computation (reused features give other samples)
+    pipe = load_pipeline(ASSETS / "teachers" / "digits")
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    extractor = load_extractor("digits")
+    reference = source_features(load_source("digits:test", 1), extractor)
+    again = fid_of_samples(sample_pipeline(pipe, 20, 3, cfg.guidance_scale, cfg.seed).images, extractor, reference)
+    assert teacher["fid"] == pytest.approx(again, rel=1e-9)
+    assert len({ddim["fid"], pndm["fid"], teacher["fid"], cached["fid"]}) == 4
     for name in ("quickstart.json", "fid_vs_nfe.png", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -69,3 +88,29 @@ def test_sample_cli(tmp_path):
     data = np.load(tmp_path / "samples.npz")
     assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8
     assert data["class_labels"].tolist() == [3, 4, 3, 4, 3, 4] and (tmp_path / "grid.png").is_file()
+
+
+def test_fid_of_a_pipeline_equals_fid_of_its_saved_samples(tmp_path, capsys):
+    """`fastdiff fid --pipeline ...` and `fastdiff sample` + `fastdiff fid samples.npz` score the same images the same:
+    both as the uint8 pixels that are saved (the standard protocol), not once as floats and once as pixels."""
+    common = ["--pipeline", str(ASSETS / "teachers" / "digits"), "--scheduler", "ddim", "--steps", "4",
+              "--num-samples", "64", "--seed", "7", "--no-progress"]  # fmt: skip
+    fid_args = ["--extractor", "digits", "--no-cache"]
+    assert main(["fid", *common, *fid_args, "--json", str(tmp_path / "direct.json"), "digits:test"]) == 0
+    assert main(["sample", *common, "--out", str(tmp_path / "s")]) == 0
+    assert main(["fid", str(tmp_path / "s" / "samples.npz"), "digits:test", *fid_args, "--no-progress",
+                 "--json", str(tmp_path / "saved.json")]) == 0  # fmt: skip
+    direct, saved = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"]["fid"] for n in ("direct", "saved"))
+    assert direct == pytest.approx(saved, rel=1e-6)
+
+
+def test_extractor_scores_saved_pixels():
+    """Features of float images are the features of their uint8 quantisation (clipped and rounded as saved)."""
+    from fastdiff.images import from_pixels, to_pixels
+
+    ext = load_extractor("digits")
+    x = 1.2 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    saved = from_pixels(to_pixels(x))
+    assert not torch.equal(saved, x.clamp(-1, 1))  # the quantisation is a real change of the input
+    assert torch.equal(ext(x), ext(saved))
+    assert torch.equal(ext(x), ext.module.features(saved))
