@@ -95,23 +95,34 @@ def _calibrated(threshold: float) -> Callable:
     return apply
 
 
-def _router(beta: float, forecast: int, init_every: int, quick: bool) -> Callable:
-    """The learned HarmoniCa router (SDT + IEPO), trained in the run for this step count."""
+def _router(beta: float, forecast: int, init_every: int, quick: bool, granularity: str = "attn-mlp") -> Callable:
+    """The learned HarmoniCa router (SDT + IEPO), trained in the run for this step count; ``granularity``: its units
+    (attention and feed-forward of each block, as HarmoniCa, or whole blocks)."""
 
     def apply(pipe, steps):
         from fastdiff.cache import RouterConfig, apply_router, train_router
 
         cfg = RouterConfig(steps=steps, beta=beta, forecast=forecast, init_every=init_every, batch_size=4 if quick else 16,
-                           iterations=2 if quick else 40, lambda_batch=2 if quick else 8)  # fmt: skip
-        (router, record), seconds = _prepared(("router", steps, beta, forecast, init_every), lambda: train_router(pipe, cfg, progress=False))
+                           iterations=2 if quick else 40, lambda_batch=2 if quick else 8, granularity=granularity)  # fmt: skip
+        key = ("router", steps, beta, forecast, init_every, granularity)
+        (router, record), seconds = _prepared(key, lambda: train_router(pipe, cfg, progress=False))
         apply_router(pipe.transformer, router)
         return {"setup_seconds": seconds, "router_computed": record["computed"][-1]}
 
     return apply
 
 
-def cache_entries(quick: bool = False) -> list[tuple[str, str, str, Callable]]:
-    """``(source, method, knob, apply(pipe, steps))`` of every setting the benchmark runs."""
+def _router_entries(quick: bool, granularity: str) -> list[tuple[str, str, str, Callable]]:
+    suffix = "" if granularity == "attn-mlp" else ", per block"
+    entries = [("fastdiff", f"learned router (HarmoniCa){suffix}", "beta=0.01", _router(0.01, 0, 0, quick, granularity))]
+    entries += [("fastdiff", f"learned router + Taylor, from every-3{suffix}", f"beta={b:g}", _router(b, 1, 3, quick, granularity))
+                for b in (0.003, 0.01)]  # fmt: skip
+    return entries
+
+
+def cache_entries(quick: bool = False, router_granularities: tuple[str, ...] = ("attn-mlp",)) -> list[tuple[str, str, str, Callable]]:
+    """``(source, method, knob, apply(pipe, steps))`` of every setting the benchmark runs; the learned-router rows
+    once per granularity in ``router_granularities`` (``attn-mlp``: HarmoniCa's units; ``block``: ", per block")."""
     from fastdiff.cache import EveryN, ResidualThreshold, StageSwitch
 
     entries = [("fastdiff", "every-N", f"N={n}", _fastdiff(lambda s, n=n: EveryN(interval=n))) for n in (2, 3)]
@@ -121,8 +132,7 @@ def cache_entries(quick: bool = False) -> list[tuple[str, str, str, Callable]]:
     entries += [("fastdiff", "residual threshold", f"{t:g}", _fastdiff(lambda s, t=t: ResidualThreshold(threshold=t)))
                 for t in (0.05, 0.1, 0.2)]  # fmt: skip
     entries += [("fastdiff", "residual threshold, calibrated", f"{t:g}", _calibrated(t)) for t in (0.05, 0.1, 0.2)]
-    entries.append(("fastdiff", "learned router (HarmoniCa)", "beta=0.01", _router(0.01, 0, 0, quick)))
-    entries += [("fastdiff", "learned router + Taylor, from every-3", f"beta={b:g}", _router(b, 1, 3, quick)) for b in (0.003, 0.01)]
+    entries += [e for g in router_granularities for e in _router_entries(quick, g)]
     entries += [("diffusers", "PyramidAttentionBroadcast", f"skip={k}", _diffusers_pab(k)) for k in (2, 3)]
     entries += [("diffusers", "FirstBlockCache", f"{t:g}", _fbc(t)) for t in (0.05, 0.1, 0.2)]
     entries += [("diffusers", "TaylorSeer", f"interval={k}", _taylorseer(k)) for k in (2, 3, 4, 5)]
@@ -144,9 +154,12 @@ def bench_cache_unet(quick: bool = False, progress: bool = True) -> dict:
     return bench_cache(quick, progress, teacher="digits")
 
 
-def bench_cache(quick: bool = False, progress: bool = True, only: str | None = None, teacher: str = "fashion-mnist") -> dict:
+def bench_cache(quick: bool = False, progress: bool = True, only: str | None = None, teacher: str = "fashion-mnist",
+                step_counts: tuple[int, ...] | None = None, router_granularities: tuple[str, ...] = ("attn-mlp",)) -> dict:  # fmt: skip
     """``only``: run just the rows whose method contains one of these comma-separated texts (for exploring);
-    ``teacher``: fashion-mnist (the DiT: fastdiff's and diffusers' caches) or digits (the UNet: DeepCache-style)."""
+    ``teacher``: fashion-mnist (the DiT: fastdiff's and diffusers' caches) or digits (the UNet: DeepCache-style);
+    ``step_counts``: default 20 and 50; ``router_granularities``: see :func:`cache_entries` (e.g. ``only="learned
+    router", step_counts=(20,), router_granularities=("block", "attn-mlp")`` compares the router's units)."""
     from tqdm.auto import tqdm
 
     from fastdiff.bench import machine
@@ -159,7 +172,7 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
     from fastdiff.sampling import make_scheduler, sample_pipeline
 
     n = 8 if quick else 250
-    step_counts = (6,) if quick else (20, 50)
+    step_counts = tuple(step_counts or ((6,) if quick else (20, 50)))
     repeats = 1 if quick else 2
     extractor = load_extractor(teacher)
     test = source_features(load_source(f"{teacher}:test", 1), extractor, progress=progress)
@@ -178,7 +191,7 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
         images = sample_pipeline(pipe, n, steps, 1.0, seed=0).images
         return images, time.perf_counter() - start
 
-    entries = cache_entries(quick) if teacher == "fashion-mnist" else unet_cache_entries()
+    entries = cache_entries(quick, router_granularities) if teacher == "fashion-mnist" else unet_cache_entries()
     entries = [e for e in entries if only is None or any(o in e[1] for o in only.split(","))]
     rows, baselines = [], {}
     bar = tqdm(total=len(step_counts) * len(entries), desc="cache", disable=not progress)

@@ -39,20 +39,17 @@ def _load_scheduler_config(path: str) -> dict:
 
 def cmd_schedule(args: argparse.Namespace) -> None:
     """Print the timestep / sigma grid a diffusers scheduler config gives at N steps, in fastdiff's convention."""
-    from fastdiff.schedules import FlowSchedule, schedule_from_config, shift_flow_time
+    from fastdiff.samplers.grids import grid_from_config
+    from fastdiff.schedules import schedule_from_config
 
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1; got {args.steps}")
     config = _load_scheduler_config(args.config)
+    if args.spacing:
+        config["timestep_spacing"] = args.spacing
     schedule = schedule_from_config(config)
-    if isinstance(schedule, FlowSchedule):
-        t = torch.linspace(1.0, 1.0 / args.steps, args.steps, dtype=torch.float64)
-        t = shift_flow_time(t, float(config.get("shift", 1.0)))
-        timesteps = t * schedule.num_train_timesteps
-    else:
-        spacing = args.spacing or config.get("timestep_spacing", "leading")
-        timesteps = schedule.timesteps(args.steps, spacing, int(config.get("steps_offset", 0))).double()
-    sigmas = schedule.t_to_sigma(timesteps)
+    grid = grid_from_config(schedule, config, args.steps, mu=getattr(args, "mu", None))
+    timesteps, sigmas = grid.timesteps, grid.sigmas[:-1]
     print(f"{'step':>4} {'timestep':>10} {'sigma':>12} {'scale s':>10}")
     for i, (t, s) in enumerate(zip(timesteps.tolist(), sigmas.tolist())):
         scale = schedule.scale(torch.tensor(s, dtype=torch.float64)).item()
@@ -248,8 +245,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
         return
     record_path = out.with_name(out.stem + "_training.json")  # never the router file itself
     _refuse_overwrite([out, record_path], args.overwrite)
-    cfg = RouterConfig(steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, beta=args.beta,
-                       forecast=args.forecast, init_every=args.init_every, guidance_scale=args.guidance, seed=args.seed)  # fmt: skip
+    cfg = RouterConfig(steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, beta=args.beta, forecast=args.forecast,
+                       init_every=args.init_every, guidance_scale=args.guidance, granularity=args.granularity, seed=args.seed)  # fmt: skip
     pipe = _pipeline_for_cache(args)
     router, record = train_router(pipe, cfg, progress=not args.no_progress)
     router.save(out)
@@ -363,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--forecast", type=int, default=0, choices=(0, 1), help="1: Taylor-forecast the reused features")
     a.add_argument("--init-every", type=int, default=0, metavar="N", help="start from the static every-N plan (default 0: uniform scores)")
     a.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the rollouts (default 1)")
+    a.add_argument("--granularity", default="attn-mlp",
+                   help="router units: attn-mlp (attention and feed-forward of adaLN-gated blocks -- DiT, PixArt -- as HarmoniCa) or block (default %(default)s)")
     a.add_argument("--out", default="outputs/cache/router.safetensors", help="router file (default %(default)s)")
     a.set_defaults(func=cmd_cache)
 
@@ -409,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="scheduler_config.json, a scheduler folder or a pipeline folder")
     p.add_argument("--steps", type=int, default=10, help="number of inference steps (default 10)")
     p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="override timestep_spacing")
+    p.add_argument("--mu", type=float, help="Flux's resolution shift, needed by use_dynamic_shifting configs")
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("data", help="summarise a dataset and write a preview grid")

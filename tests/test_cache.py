@@ -224,7 +224,7 @@ def test_router_gate_mixes_fresh_and_reused_outputs_and_bypass_leaves_the_cache_
         model(x, timestep=torch.tensor([900, 900]), class_labels=labels)
         with cache_bypassed(model):
             plain = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
-        assert model._fastdiff_cache.step == 0  # the bypassed call counted no step
+        assert model._fastdiff_cache.ctx.step == 0  # the bypassed call counted no step
         got = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
     remove_cache(model)
     with torch.no_grad():
@@ -284,15 +284,59 @@ def test_iepo_loss_and_router_training_smoke():
     cfg = RouterConfig(steps=4, iterations=3, batch_size=2, lambda_batch=2, lambda_every=2, beta=1.0, lr=0.5)
     router, record = train_router(pipe, cfg, progress=False)
     scores = router.scores()
-    assert scores[0].eq(1).all()  # step 0 has nothing to reuse
     assert (scores[1:, 1:] < torch.sigmoid(torch.tensor(cfg.init))).all()  # a strong L1 weight lowers every routed score
     assert len(record["error"]) == 3 and all(e > 0 for e in record["error"]) and len(record["lambda"]) == 2
-    assert record["lambda"][0][0] == 0 and sum(record["lambda"][0][1:]) == pytest.approx(3.0)  # normalised to mean 1
+    assert record["lambda"][1] != record["lambda"][0]  # recomputed from the router as training moved it
     assert getattr(pipe.transformer, "_fastdiff_cache", None) is None and not any(p.requires_grad for p in pipe.transformer.parameters())
     start = train_router(pipe, RouterConfig(steps=7, iterations=1, batch_size=1, lambda_batch=1, lr=1e-6, init_every=3), progress=False)[0]
     assert start.plan().mask[:, 2].tolist() == [True, False, False, True, False, False, True]  # the every-3 plan it starts from
     with pytest.raises(InputError, match="steps must be >= 2"):
         RouterConfig(steps=1)
+
+
+def test_image_error_proxy_matches_a_hand_computation():
+    """IEPO's lambda_t (HarmoniCa eq. 9) for a hard router (logits +-200: scores exactly 1 or 0), recomputed with plain
+    forward hooks: x0^(t) samples with the router's plan on steps 1..t and everything computed after; lambda_t =
+    mean (x0^(t) - x0^(t-1))^2, normalised to mean 1 over t >= 1. A step whose plan computes every block adds no
+    error (lambda_2 = 0)."""
+    from fastdiff.cache import Router, RouterConfig, model_id
+    from fastdiff.cache.router import class_conditional_call, image_error_proxy
+
+    pipe = _dit_pipe()
+    model = pipe.transformer
+    pipe.scheduler.set_timesteps(4)
+    router = Router([n for n, _, _ in cache_units(model)], pipe.scheduler.timesteps.tolist(), model_id(model), meta={"granularity": "block"})
+    plan = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        for row, computed in zip(router.rows, plan):
+            row.copy_(torch.where(computed, 200.0, -200.0))
+    cfg = RouterConfig(steps=4, lambda_batch=2, granularity="block")
+    lam = image_error_proxy(pipe, router, cfg)
+
+    def sample_with_plan_until(t):
+        saved = {}
+
+        def hook(i):
+            def run(module, args, kwargs, out):
+                step = saved[i, "calls"] = saved.get((i, "calls"), -1) + 1
+                x = kwargs.get("hidden_states", args[0] if args else None)
+                if step > t or plan[step, i]:
+                    saved[i] = out - x
+                    return out
+                return x + saved[i]
+
+            return run
+
+        handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
+        images = class_conditional_call(pipe, 4, 2, 10_000).float()
+        for h in handles:
+            h.remove()
+        return images
+
+    images = [sample_with_plan_until(t) for t in range(4)]
+    raw = torch.tensor([0.0] + [float((images[t] - images[t - 1]).pow(2).mean()) for t in range(1, 4)])
+    torch.testing.assert_close(lam, raw / raw[1:].mean(), rtol=1e-5, atol=1e-7)
+    assert lam[2] == 0 and lam[1] > 0 and lam[3] > 0
 
 
 def test_calibration_fits_probe_change_to_output_change(tmp_path):
@@ -371,6 +415,9 @@ def test_command_line_calibrate_train_router_and_sample(tmp_path, capsys):
     assert main(["cache", "train-router", folder, "--steps", "4", "--iterations", "1", "--batch-size", "2", "--out", str(router), *common]) == 0
     assert main(["cache", "calibrate", folder, "--steps", "5", "--degree", "2", "--generations", "1", "--batch-size", "2", "--out", str(fit), *common]) == 0
     assert json.loads((tmp_path / "r_training.json").read_text())["config"]["steps"] == 4 and len(json.loads(fit.read_text())["coefficients"]) == 3
+    assert json.loads((tmp_path / "r_training.json").read_text())["config"]["granularity"] == "attn-mlp"
+    assert main(["cache", "train-router", folder, "--granularity", "mlp", "--out", str(tmp_path / "g.safetensors"), *common]) == 2
+    assert "granularity must be one of block, attn-mlp; got 'mlp'" in capsys.readouterr().err
     before = router.read_bytes()
     assert main(["cache", "train-router", folder, "--steps", "4", "--out", str(router), *common]) == 2
     assert "already exist" in capsys.readouterr().err and router.read_bytes() == before
@@ -442,3 +489,231 @@ def test_a_bypassed_first_call_does_not_spoil_the_mac_count():
         _sample(pipe)
     _sample(pipe)
     assert cache_stats(pipe.transformer)["macs_saved"] == pytest.approx(expected) and expected > 0
+
+
+def _every_n_by_hand(blocks, interval: int, calls_per_step: int, per_call: bool = True):
+    """Every-N caching written with plain forward hooks on Flux blocks (kwargs in, (encoder, hidden) out): the model's
+    k-th call is call k % calls_per_step of step k // calls_per_step; at steps 0, N, 2N, ... a block stores its
+    residuals, at the others it returns its inputs plus the residuals stored by the same call (or, with
+    ``per_call=False``, by whichever call stored last)."""
+    seen, saved = {}, {}
+
+    def hook(module, args, kwargs, out):
+        k = seen[module] = seen.get(module, -1) + 1
+        step, call = divmod(k, calls_per_step)
+        key = (module, call if per_call else 0)
+        ins = (kwargs["encoder_hidden_states"], kwargs["hidden_states"])
+        if step % interval == 0:
+            saved[key] = [o - i for o, i in zip(out, ins)]
+            return out
+        return tuple(i + r for i, r in zip(ins, saved[key]))
+
+    return [b.register_forward_hook(hook, with_kwargs=True) for b in blocks]
+
+
+def test_flux_true_cfg_keeps_a_cache_per_call(tmp_path):
+    """Flux with true_cfg_scale > 1 calls the transformer twice per step, inside cache_context("cond") and
+    ("uncond"): 4 steps stay 4 steps, never-reuse is bit-identical, every-2 makes each call reuse its own residuals
+    (checked against plain forward hooks doing the same), and adaptive policies accumulate per call."""
+    from conftest import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(tmp_path)
+    model = pipe.transformer
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+
+    def run():
+        return pipe("a photo", negative_prompt="photo", true_cfg_scale=3.0, num_inference_steps=4, height=8, width=8,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), max_sequence_length=8).images  # fmt: skip
+
+    plain = run()
+    apply_cache(model, NeverReuse())
+    assert torch.equal(run(), plain)
+    stats = cache_stats(model)
+    assert stats["steps"] == 4 and stats["calls"] == ["cond", "uncond"] and stats["reuse_rate"] == 0
+    remove_cache(model)
+    apply_cache(model, EveryN(interval=2))
+    cached = run()
+    assert cache_stats(model)["reuse_rate_per_step"] == [0, 1, 0, 1]
+    remove_cache(model)
+    for per_call in (True, False):
+        handles = _every_n_by_hand(blocks, interval=2, calls_per_step=2, per_call=per_call)
+        by_hand = run()
+        for h in handles:
+            h.remove()
+        assert torch.equal(cached, by_hand) == per_call  # its own residuals, not the other call's
+    apply_cache(model, ResidualThreshold(threshold=10.0, max_reuse=2))  # reuse whenever allowed: 2 steps in a row
+    run()
+    assert cache_stats(model)["reuse_rate_per_step"] == [0, 0.5, 0.5, 0]  # per call; unit 0 is the probe
+    remove_cache(model)
+
+
+def test_separate_unconditional_calls_without_cache_context():
+    """Without a cache context, a call at the step's timestep with the step's input is the step's next call (own
+    cache, checked by hand); the same timestep with another input is a new step (PLMS, Heun)."""
+    model = tiny_dit(num_layers=2).eval()
+    x, x1 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    cond, null = torch.tensor([0, 1]), torch.tensor([10, 10])  # 10: the null class of a 10-class DiT
+    r_cond, r_null = _residuals(model, x, 900, cond), _residuals(model, x, 900, null)
+    apply_cache(model, EveryN(interval=10_000))
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([900, 900]), class_labels=cond)
+        model(x.clone(), timestep=torch.tensor([900, 900]), class_labels=null)
+        got_cond = model(x1, timestep=torch.tensor([800, 800]), class_labels=cond).sample
+        got_null = model(x1, timestep=torch.tensor([800, 800]), class_labels=null).sample
+    stats = cache_stats(model)
+    assert stats["steps"] == 2 and stats["calls"] == ["0", "1"] and stats["reuse_rate_per_step"] == [0, 1]
+    with torch.no_grad():
+        model(x1 + 1, timestep=torch.tensor([800, 800]), class_labels=cond)
+    assert cache_stats(model)["steps"] == 3
+    remove_cache(model)
+    assert torch.equal(got_cond, _with_block_residuals(model, r_cond, x1, 800, cond))
+    assert torch.equal(got_null, _with_block_residuals(model, r_null, x1, 800, null))
+    assert not torch.allclose(got_null, _with_block_residuals(model, r_cond, x1, 800, null), atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["plms", "heun"])
+def test_train_router_with_samplers_that_call_the_model_more_than_once_per_step(scheduler):
+    """PLMS (N + 1 calls) and Heun (2N - 1 calls): one router row and one lambda per model call; the trained plan
+    then runs with the same sampler."""
+    from fastdiff.cache import RouterConfig, apply_router, train_router
+    from fastdiff.sampling import make_scheduler
+
+    pipe = _dit_pipe()
+    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    pipe.scheduler.set_timesteps(3)
+    calls = len(pipe.scheduler.timesteps)
+    assert calls == {"plms": 4, "heun": 5}[scheduler]
+    cfg = RouterConfig(steps=3, iterations=2, batch_size=1, lambda_batch=1, lambda_every=1, beta=1.0)
+    router, record = train_router(pipe, cfg, progress=False)
+    assert len(router.rows) == calls and all(len(lam) == calls and all(v > 0 for v in lam[1:]) for lam in record["lambda"])
+    assert router.units[:2] == ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"]
+    apply_router(pipe.transformer, router, threshold=0.5)
+    _sample(pipe, steps=3)
+    stats = cache_stats(pipe.transformer)
+    assert stats["steps"] == calls and stats["units"] == router.units and stats["reuse_rate"] > 0
+    remove_cache(pipe.transformer)
+
+
+def _replace_outputs(modules, fn):
+    """Plain forward hooks: module i returns ``fn(i, call, output)``, ``call`` counting its calls."""
+    calls = {}
+
+    def hook(i):
+        def run(module, args, out):
+            calls[i] = calls.get(i, -1) + 1
+            return fn(i, calls[i], out)
+
+        return run
+
+    return [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+
+
+def _sublayers(model):
+    return [m for b in model.transformer_blocks for m in (b.attn1, b.ff)]
+
+
+def test_attn_mlp_units_reuse_outputs_before_the_gates():
+    """granularity="attn-mlp" (HarmoniCa): DiT's attention and feed-forward are units; a reused one returns its cached
+    output, which the block scales with the *current* step's adaLN gate -- by hand: the plain model with those
+    outputs swapped in; other blocks (Flux) stay whole, PixArt's are split."""
+    from diffusers import PixArtTransformer2DModel
+
+    from conftest import tiny_flux
+
+    model = tiny_dit(num_layers=2).eval()
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
+    saved = {}
+    handles = _replace_outputs(_sublayers(model), lambda i, k, out: saved.setdefault(i, out))
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([900, 900]), class_labels=labels)
+    for h in handles:
+        h.remove()
+    apply_cache(model, EveryN(interval=10_000), granularity="attn-mlp")
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([900, 900]), class_labels=labels)
+        got = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
+    stats = cache_stats(model)
+    assert stats["units"] == ["transformer_blocks.0.attn1", "transformer_blocks.0.ff", "transformer_blocks.1.attn1", "transformer_blocks.1.ff"]
+    assert stats["reuse_rate_per_step"] == [0, 1]
+    remove_cache(model)
+    handles = _replace_outputs(_sublayers(model), lambda i, k, out: saved[i])
+    with torch.no_grad():
+        expected = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
+    for h in handles:
+        h.remove()
+    assert torch.equal(got, expected)
+    apply_cache(model, EveryN(interval=10_000))  # per block: the step-900 residual, gates included
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([900, 900]), class_labels=labels)
+        per_block = model(x, timestep=torch.tensor([800, 800]), class_labels=labels).sample
+    remove_cache(model)
+    assert not torch.allclose(per_block, got, atol=1e-4)
+    flux_units = [n for n, _, _ in cache_units(tiny_flux(), granularity="attn-mlp")]
+    assert flux_units == [n for n, _, _ in cache_units(tiny_flux())]
+    pixart = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
+                                      sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=8)  # fmt: skip
+    assert [n for n, _, _ in cache_units(pixart, granularity="attn-mlp")] == ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"]
+    with pytest.raises(InputError, match="granularity must be one of block, attn-mlp; got 'mlp'"):
+        cache_units(model, granularity="mlp")
+
+
+def test_sdt_loss_is_taken_on_the_guided_output():
+    """With guidance w, the SDT error at step 1 of a 2-step rollout is the relative MSE between the guided router-mixed
+    output and the guided full output (lambda_1 = 1 after normalisation), recomputed here by hand: step 0 computes
+    everything, step 1 mixes 0.5 * fresh + 0.5 * step 0's attention / feed-forward outputs (scores sigmoid(0))."""
+    from fastdiff.cache import RouterConfig, train_router
+    from fastdiff.cache.router import class_conditional_call, guided
+
+    pipe = _dit_pipe()
+    model = pipe.transformer
+    cfg = RouterConfig(steps=2, iterations=1, batch_size=2, lambda_batch=1, guidance_scale=3.0)
+    inputs, saved = [], {}
+    pre = model.register_forward_pre_hook(lambda m, a, k: inputs.append(k), with_kwargs=True)
+    handles = _replace_outputs(_sublayers(model), lambda i, k, out: saved.setdefault(i, out))
+    class_conditional_call(pipe, 2, 2, seed=0, guidance_scale=3.0)  # the rollout's first call: what step 0 caches
+    pre.remove()
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        target = model(**inputs[1])[0]
+        handles = _replace_outputs(_sublayers(model), lambda i, k, out: 0.5 * out + 0.5 * saved[i])
+        mixed = model(**inputs[1])[0]
+    for h in handles:
+        h.remove()
+
+    def rel_mse(a, b):
+        return float((a - b).pow(2).mean() / b.pow(2).mean())
+
+    expected = rel_mse(guided(mixed, 3.0), guided(target, 3.0))
+    assert abs(expected - rel_mse(mixed, target)) > 0.1 * expected  # guidance changes the error
+    _, record = train_router(pipe, cfg, progress=False)
+    assert record["lambda"][0][1] == pytest.approx(1.0) and record["error"][0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_calibration_pairs_changes_within_each_call(tmp_path):
+    """Flux with true CFG: the probe change is taken between the same call's first-block residuals (cond with cond,
+    uncond with uncond) and the output change between the same call's outputs -- recomputed by hand."""
+    from conftest import tiny_flux_pipeline
+
+    from fastdiff.cache import calibrate
+    from fastdiff.cache.calibrate import rel_l1
+
+    pipe = tiny_flux_pipeline(tmp_path)
+
+    def call(pipe, steps, batch, seed):
+        return pipe("a photo", negative_prompt="photo", true_cfg_scale=3.0, num_inference_steps=steps, height=8, width=8,
+                    output_type="latent", generator=torch.Generator().manual_seed(seed), max_sequence_length=8).images  # fmt: skip
+
+    fit = calibrate(pipe, steps=3, call=call, degree=1, generations=1, batch=1)
+    residuals, outputs = [], []
+    block = pipe.transformer.transformer_blocks[0]
+    handles = [block.register_forward_hook(lambda m, a, k, o: residuals.append(o[1] - k["hidden_states"]), with_kwargs=True),
+               pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0]))]  # fmt: skip
+    with torch.no_grad():
+        call(pipe, 3, 1, 0)
+    for h in handles:
+        h.remove()
+    # calls alternate cond, uncond: the cond changes (steps 0->1, 1->2), then the uncond ones
+    x = [rel_l1(residuals[i + 2], residuals[i]) for i in (0, 2, 1, 3)]
+    y = [rel_l1(outputs[i + 2], outputs[i]) for i in (0, 2, 1, 3)]
+    assert fit["probe_change"] == pytest.approx(x, rel=1e-5) and fit["output_change"] == pytest.approx(y, rel=1e-5)

@@ -2,7 +2,8 @@
 the early signal (the first unit's residual) to the relative change of the model output, for a user's model.
 
 Runs the pipeline uncached, records per step ``x = |probe_t - probe_{t-1}|_1 / |probe_{t-1}|_1`` and ``y`` the same
-for the model output, and fits ``y ~ poly(x)`` by least squares (``numpy.polyfit``). The coefficients, highest degree
+for the model output -- separately for each call of a step (``StepContext.call``: the conditional and unconditional
+calls of Flux's true CFG) -- and fits ``y ~ poly(x)`` by least squares (``numpy.polyfit``). The coefficients, highest degree
 first, go to :class:`~fastdiff.cache.policies.ResidualThreshold`, whose threshold then bounds the *estimated*
 accumulated output change.
 """
@@ -12,12 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from fastdiff.cache.hooks import apply_cache, cached_model, model_id, remove_cache
+from fastdiff.cache.hooks import apply_cache, cached_model, main_output, model_id, remove_cache
 from fastdiff.cache.policies import CachePolicy, ResidualThreshold, StepContext
 from fastdiff.errors import InputError
 
@@ -30,21 +32,35 @@ def rel_l1(new: Tensor, old: Tensor) -> float:
 
 
 class _Recorder(CachePolicy):
-    """Computes everything; records the probe's relative change at every step after the first."""
+    """Computes everything; records, per call name, the probe's relative change at every step after the first and
+    the model's outputs."""
 
     needs_probe = True
 
     def __init__(self):
-        self.prev: Tensor | None = None
-        self.changes: list[float] = []
+        self.prev: dict[str, Tensor] = {}
+        self.changes: dict[str, list[float]] = {}
+        self.outputs: dict[str, list[Tensor]] = {}
 
     def reset(self) -> None:
-        self.prev = None
+        self.prev = {}
 
     def observe(self, ctx: StepContext, probe: Tensor) -> None:
-        if self.prev is not None and ctx.step > 0:
-            self.changes.append(rel_l1(probe, self.prev))
-        self.prev = probe.detach()
+        if ctx.call in self.prev and ctx.step > 0:
+            self.changes.setdefault(ctx.call, []).append(rel_l1(probe, self.prev[ctx.call]))
+        self.prev[ctx.call] = probe.detach()
+
+    def output(self, model: nn.Module, out: Any) -> None:
+        self.outputs.setdefault(model._fastdiff_cache.ctx.call, []).append(main_output(out).detach())
+
+    def pairs(self) -> tuple[list[float], list[float]]:
+        """The probe changes and the output changes of the generation just run, call by call, in the same order."""
+        xs, ys = [], []
+        for name, outs in self.outputs.items():
+            xs += self.changes.get(name, [])
+            ys += [rel_l1(outs[i], outs[i - 1]) for i in range(1, len(outs))]
+        self.changes, self.outputs = {}, {}
+        return xs, ys
 
 
 def calibrate(pipe, steps: int, call: Callable | None = None, degree: int = 4, generations: int = 4, batch: int = 8,
@@ -57,17 +73,16 @@ def calibrate(pipe, steps: int, call: Callable | None = None, degree: int = 4, g
     if not 1 <= degree <= 6:
         raise InputError(f"calibration polynomial degree must be in 1..6; got {degree}")
     model = cached_model(pipe)
-    recorder, outputs = _Recorder(), []
+    recorder = _Recorder()
     apply_cache(model, recorder)
-    handle = model.register_forward_hook(lambda m, a, out: outputs.append((out if isinstance(out, Tensor) else out[0]).detach()))
+    handle = model.register_forward_hook(lambda m, a, out: recorder.output(m, out))
     xs, ys = [], []
     try:
         for g in range(generations):
-            recorder.changes, outputs[:] = [], []
             with torch.no_grad():
                 call(pipe, steps, batch, seed + g)
-            ys += [rel_l1(outputs[i], outputs[i - 1]) for i in range(1, len(outputs))]
-            xs += recorder.changes
+            x, y = recorder.pairs()
+            xs, ys = xs + x, ys + y
     finally:
         handle.remove()
         remove_cache(model)

@@ -1,14 +1,21 @@
 """Feature caching as removable diffusers hooks (``ModelHook`` / ``HookRegistry``), driven by a pure policy.
 
 ``apply_cache(model, policy)`` hooks the model's *units*: every transformer block of DiT / PixArt
-(``BasicTransformerBlock``), SD3 and Flux models, or, for ``UNet2DModel`` / ``UNet2DConditionModel``, the deep path
-DeepCache skips (down blocks after ``branch``, the mid block, the matching up blocks). A unit that is reused returns
-``input + cached residual`` (transformer blocks: the block's deviation, Delta-DiT style, so the current input still
-flows) or its cached output (UNet deep path: the cached deep feature enters the fresh shallow branch). A hook on the
-model itself counts its calls -- one per denoising step, with or without a classifier-free guidance batch -- and
-starts a new generation when the timestep goes up, so nothing leaks between pipeline calls and no
-``cache_context`` is needed. ``remove_cache`` restores the model exactly; ``cache_stats`` reports reuse rates per
-unit and step and the estimated share of multiply-accumulates saved.
+(``BasicTransformerBlock``), SD3 and Flux models -- or, with ``granularity="attn-mlp"``, the attention and the
+feed-forward of each adaLN-gated block (DiT, PixArt) -- or, for ``UNet2DModel`` / ``UNet2DConditionModel``, the deep
+path DeepCache skips (down blocks after ``branch``, the mid block, the matching up blocks). A unit that is reused
+returns ``input + cached residual`` (transformer blocks: the block's deviation, Delta-DiT style, so the current input
+still flows) or its cached output (an attention / feed-forward output, which the block then scales with the current
+step's gate; a UNet's deep feature, which enters the fresh shallow branch).
+
+A hook on the model itself counts its calls and starts a new generation when the timestep goes up, so nothing leaks
+between pipeline calls. When a pipeline calls the model more than once per denoising step (Flux with
+``true_cfg_scale``: a conditional and an unconditional call), each call keeps its own step count and cache: the calls
+are told apart by the diffusers ``cache_context`` the pipeline opens ("cond", "uncond"), or, where it opens none, a
+call at the same timestep with the same input as the step's first call is the step's next call. A call at a repeated
+timestep with another input is a new step (PLMS, Heun). A classifier-free guidance batch is one call.
+``remove_cache`` restores the model exactly; ``cache_stats`` reports reuse rates per unit and step and the estimated
+share of multiply-accumulates saved.
 """
 
 from __future__ import annotations
@@ -22,25 +29,33 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from torch import Tensor, nn
 
 from fastdiff.cache.policies import CachePolicy, StepContext
 from fastdiff.errors import InputError
 
-__all__ = ["apply_cache", "remove_cache", "cache_stats", "cache_units", "cache_bypassed", "cached_model", "model_id", "UNIT_HOOK", "STEP_HOOK"]
+__all__ = ["apply_cache", "remove_cache", "cache_stats", "cache_units", "cache_bypassed", "cached_model", "model_id", "UNIT_HOOK", "STEP_HOOK",
+           "GRANULARITIES"]  # fmt: skip
 
 UNIT_HOOK, STEP_HOOK = "fastdiff_cache_unit", "fastdiff_cache_step"
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+GRANULARITIES = ("block", "attn-mlp")
+_GATED_NORMS = ("ada_norm_zero", "ada_norm_single")  # BasicTransformerBlock's adaLN-Zero (DiT) and adaLN-single (PixArt)
 
 
 @dataclass
 class _State:
     policy: CachePolicy
     generation: int = -1
-    step: int = -1
-    last_t: float | None = None
+    last_t: float | None = None  # the timestep of the last call
+    restart: bool = False  # diffusers reset the hooks (the end of a pipeline call): the next call starts a generation
+    context: str | None = None  # the name of the cache_context the pipeline has open, if any
+    steps: dict[str, int] = field(default_factory=dict)  # call name -> its step in this generation
+    step_input: Tensor | None = None  # without a cache_context: the input of the current step's first call
+    step_calls: int = 0  # ... and the calls of that step after it
     ctx: StepContext | None = None
-    log: dict[tuple[int, int], bool] = field(default_factory=dict)  # (step, unit) -> computed, last generation
+    log: dict[tuple[str, int, int], bool] = field(default_factory=dict)  # (call, step, unit) -> computed, last generation
     macs: dict[int, float] = field(default_factory=dict)  # unit -> multiply-accumulates of one computed call
     total_macs: float = 0.0
     counting: bool = True
@@ -50,15 +65,27 @@ class _State:
     unit_names: list[str] = field(default_factory=list)
     sigma_of: Any = None  # model timestep -> sigma, from the scheduler given to apply_cache
 
-    def begin(self, timestep: float) -> None:
-        if self.last_t is None or timestep > self.last_t + 1e-6:  # the noise level went up: a new generation
+    def begin(self, timestep: float, x: Tensor | None) -> None:
+        if self.restart or self.last_t is None or timestep > self.last_t + 1e-6:  # the noise level went up: a new generation
             self.generation += 1
-            self.step, self.log = 0, {}
+            self.steps, self.log, self.step_input, self.restart = {}, {}, None, False
             self.policy.reset()
-        else:
-            self.step += 1
+        call = self.context if self.context is not None else self._call(timestep, x)
+        self.steps[call] = self.steps.get(call, -1) + 1
         self.last_t = timestep
-        self.ctx = StepContext(self.step, timestep, None if self.sigma_of is None else self.sigma_of(timestep))
+        self.ctx = StepContext(self.steps[call], timestep, None if self.sigma_of is None else self.sigma_of(timestep), call)
+
+    def _call(self, timestep: float, x: Tensor | None) -> str:
+        """Without a cache context: "0" for a step's first call; "1", "2", ... for the calls after it at the same
+        timestep with the same input (a separate unconditional pass). Another input at the same timestep is a new
+        step (PLMS, Heun evaluate the model twice at some timesteps)."""
+        same = (self.step_input is not None and x is not None and abs(timestep - self.last_t) <= 1e-6
+                and torch.equal(x, self.step_input))  # fmt: skip
+        if same:
+            self.step_calls += 1
+        else:
+            self.step_input, self.step_calls = None if x is None else x.detach().clone(), 0
+        return str(self.step_calls)
 
 
 def _timestep(args: tuple, kwargs: dict) -> float:
@@ -68,16 +95,39 @@ def _timestep(args: tuple, kwargs: dict) -> float:
     return float(torch.as_tensor(t).flatten()[0])
 
 
+def _sample(args: tuple, kwargs: dict) -> Tensor | None:
+    x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+    return x if isinstance(x, Tensor) else None
+
+
+class _ContextName(StateManager):
+    """Receives the pipeline's ``cache_context``: diffusers sets the context of every ``StateManager`` of a stateful
+    hook when the pipeline opens one (a ``CacheContext``, or its name in diffusers < 0.42) and clears it after."""
+
+    def __init__(self, state: _State):
+        super().__init__(BaseState)
+        self.state = state
+
+    def set_context(self, context: Any) -> None:
+        self.state.context = getattr(context, "name", context)
+
+
 class _StepHook(ModelHook):
+    _is_stateful = True  # diffusers then hands it the pipeline's cache_context and resets it after each pipeline call
+
     def __init__(self, state: _State):
         super().__init__()
-        self.state = state
+        self.state, self.context = state, _ContextName(state)
 
     def pre_forward(self, module, *args, **kwargs):
         if not self.state.bypass:
-            self.state.begin(_timestep(args, kwargs))
+            self.state.begin(_timestep(args, kwargs), _sample(args, kwargs))
             self.state.policy.begin_step(self.state.ctx)
         return args, kwargs
+
+    def reset_state(self, module):
+        self.state.restart = True
+        return module
 
     def post_forward(self, module, output):
         if self.state.counting and not self.state.bypass:  # multiply-accumulates: the first cached call only
@@ -85,6 +135,11 @@ class _StepHook(ModelHook):
             for handle in self.state.counters:
                 handle.remove()
         return output
+
+
+def main_output(out: Any) -> Tensor:
+    """A model's main output: the tensor itself, or the first entry of its tuple or diffusers output."""
+    return out if isinstance(out, Tensor) else out[0]
 
 
 def _tensors(out: Any) -> list[Tensor]:
@@ -101,11 +156,23 @@ def _tmap(fn, *trees: Any) -> Any:
     return first
 
 
+@dataclass
+class _Memory:
+    """What a unit cached for one call name: its value and the value's finite differences in the step index, at
+    step ``at`` of generation ``generation``, for inputs of shapes ``layout``."""
+
+    derivs: list[Any]
+    at: int
+    generation: int
+    layout: tuple
+
+
 class _UnitHook(ModelHook):
-    """Caches one unit. ``mode`` ``residual`` caches output - input for every output that continues an input (a
-    transformer block's deviation) and reuses ``input + residual``; ``output`` caches and reuses the whole output
-    (a UNet's deep path). With ``forecast`` k > 0 the reused value is the order-k Taylor extrapolation in the step
-    index from the last k + 1 computed steps (finite differences, TaylorSeer) instead of the last value."""
+    """Caches one unit, separately for each call of a step (``StepContext.call``). ``mode`` ``residual`` caches
+    output - input for every output that continues an input (a transformer block's deviation) and reuses ``input +
+    residual``; ``output`` caches and reuses the whole output (an attention or feed-forward before its gate, a UNet's
+    deep path). With ``forecast`` k > 0 the reused value is the order-k Taylor extrapolation in the step index from
+    the last k + 1 computed steps (finite differences, TaylorSeer) instead of the last value."""
 
     def __init__(self, state: _State, unit: int, mode: str, names: tuple[str, ...] = ("hidden_states",),
                  out_index: dict[int, int] | None = None, forecast: int = 0, always: bool = False):  # fmt: skip
@@ -113,8 +180,7 @@ class _UnitHook(ModelHook):
         self.state, self.unit, self.mode, self.names, self.forecast = state, unit, mode, names, forecast
         self.always = always  # computed at every step: the probe of an adaptive policy, a UNet's shallow branch
         self.out_index = out_index or {0: 0}  # output position -> input position (hidden, encoder hidden states)
-        self.derivs: list[Any] = []  # value and its finite differences in the step index, at `self.at`
-        self.at, self.layout, self.generation = -1, None, -1
+        self.memory: dict[str, _Memory] = {}  # call name -> what was cached for it
 
     def _inputs(self, args: tuple, kwargs: dict) -> list[Tensor | None]:
         values = [kwargs.get(n) for n in self.names]
@@ -128,22 +194,29 @@ class _UnitHook(ModelHook):
         if state.bypass:
             return self.fn_ref.original_forward(*args, **kwargs)
         inputs = self._inputs(args, kwargs)
-        valid = bool(self.derivs) and self.generation == state.generation and self.layout == self._layout(inputs)
-        gate = state.policy.gate(ctx, self.unit) if valid and not self.always else None
-        compute = self.always or not valid or state.policy.should_compute(ctx, self.unit)
-        state.log[(ctx.step, self.unit)] = compute
+        memory = self._valid_memory(inputs)
+        gate = state.policy.gate(ctx, self.unit) if memory is not None and not self.always else None
+        compute = self.always or memory is None or state.policy.should_compute(ctx, self.unit)
+        state.log[(ctx.call, ctx.step, self.unit)] = compute
         if not compute and gate is None:
-            return self._reuse(inputs, ctx.step)
+            return self._reuse(memory, inputs, ctx.step)
         state.current = self.unit
         out = self.fn_ref.original_forward(*args, **kwargs)
         state.current = None
         if gate is not None:  # training a router: a differentiable mix of the fresh and the reused output
-            mixed = _tmap(lambda f, r: gate * f + (1 - gate) * r, out, self._reuse(inputs, ctx.step))
+            mixed = _tmap(lambda f, r: gate * f + (1 - gate) * r, out, self._reuse(memory, inputs, ctx.step))
         if compute:
-            self._store(out, inputs, ctx.step)
+            self._store(memory, out, inputs, ctx)
         if self.unit == 0 and state.policy.needs_probe:
             state.policy.observe(ctx, self._probe(out, inputs))
         return mixed if gate is not None else out
+
+    def _valid_memory(self, inputs: list[Tensor | None]) -> _Memory | None:
+        """This call's cache, if it is from this generation and for inputs of these shapes."""
+        memory = self.memory.get(self.state.ctx.call)
+        if memory is None or memory.generation != self.state.generation or memory.layout != self._layout(inputs):
+            return None
+        return memory
 
     def _probe(self, out: Any, inputs: list[Tensor | None]) -> Tensor:
         """What adaptive policies watch: the residual of the main (image) stream, or the first output tensor."""
@@ -168,24 +241,22 @@ class _UnitHook(ModelHook):
             residuals[i] = None if o is None else (o - x if x is not None else o).detach()
         return residuals
 
-    def _store(self, out: Any, inputs: list[Tensor | None], step: int) -> None:
-        value = self._value(out, inputs)
-        fresh = self.generation != self.state.generation or self.layout != self._layout(inputs)
-        derivs = [value]
-        if self.forecast and not fresh:
-            gap = step - self.at
-            for old in self.derivs[: self.forecast]:
+    def _store(self, memory: _Memory | None, out: Any, inputs: list[Tensor | None], ctx: StepContext) -> None:
+        derivs = [self._value(out, inputs)]
+        if self.forecast and memory is not None:
+            gap = ctx.step - memory.at
+            for old in memory.derivs[: self.forecast]:
                 derivs.append(_tmap(lambda new, prev: (new - prev) / gap, derivs[-1], old))
-        self.derivs, self.at, self.generation, self.layout = derivs, step, self.state.generation, self._layout(inputs)
+        self.memory[ctx.call] = _Memory(derivs, ctx.step, self.state.generation, self._layout(inputs))
 
-    def _predict(self, step: int) -> Any:
-        d, value = step - self.at, self.derivs[0]
-        for k, deriv in enumerate(self.derivs[1:], start=1):
+    def _predict(self, memory: _Memory, step: int) -> Any:
+        d, value = step - memory.at, memory.derivs[0]
+        for k, deriv in enumerate(memory.derivs[1:], start=1):
             value = _tmap(lambda v, g, c=d**k / math.factorial(k): v + c * g, value, deriv)
         return value
 
-    def _reuse(self, inputs: list[Tensor | None], step: int) -> Any:
-        value = self._predict(step)
+    def _reuse(self, memory: _Memory, inputs: list[Tensor | None], step: int) -> Any:
+        value = self._predict(memory, step)
         if self.mode == "output":
             return value
         is_tuple, n = self.shape_out
@@ -214,12 +285,31 @@ def _block_metadata(block: nn.Module) -> tuple[tuple[str, ...], dict[int, int]]:
     return names, index
 
 
-def cache_units(model: nn.Module, branch: int = 0) -> list[tuple[str, nn.Module, str]]:
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(n, getattr(model, n)) for n in _BLOCK_LISTS if isinstance(getattr(model, n, None), nn.ModuleList)]
+
+
+def _block_units(name: str, block: nn.Module, granularity: str) -> list[tuple[str, nn.Module, str]]:
+    """A transformer block as one unit, or, at ``attn-mlp`` granularity and in a block gated by adaLN, its
+    self-attention and its feed-forward: HarmoniCa (Huang et al. 2025, sec. 3) and Learning-to-Cache route each
+    separately and reuse their outputs before the gates ``alpha_1, alpha_2`` of adaLN-Zero (DiT, Peebles & Xie 2023,
+    sec. 3.2), which the block recomputes at the current step. PixArt's cross-attention (``attn2``, ungated) is always
+    computed."""
+    if granularity == "attn-mlp" and getattr(block, "norm_type", None) in _GATED_NORMS:
+        return [(f"{name}.attn1", block.attn1, "output"), (f"{name}.ff", block.ff, "output")]
+    return [(name, block, "residual")]
+
+
+def cache_units(model: nn.Module, branch: int = 0, granularity: str = "block") -> list[tuple[str, nn.Module, str]]:
     """``(name, module, mode)`` of the units ``apply_cache`` hooks, in call order. Unit 0 is always computed for
-    adaptive policies (it is their probe) and in UNets (the shallow branch DeepCache keeps fresh)."""
-    lists = [(n, getattr(model, n)) for n in _BLOCK_LISTS if isinstance(getattr(model, n, None), nn.ModuleList)]
+    adaptive policies (it is their probe) and in UNets (the shallow branch DeepCache keeps fresh). ``granularity``:
+    ``block`` (each transformer block) or ``attn-mlp`` (the attention and the feed-forward of each adaLN-gated block
+    -- DiT, PixArt -- separately; other blocks stay whole; a UNet is unaffected)."""
+    if granularity not in GRANULARITIES:
+        raise InputError(f"cache granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
+    lists = _block_lists(model)
     if lists:
-        return [(f"{n}.{i}", b, "residual") for n, blocks in lists for i, b in enumerate(blocks)]
+        return [unit for n, blocks in lists for i, b in enumerate(blocks) for unit in _block_units(f"{n}.{i}", b, granularity)]
     down, up = getattr(model, "down_blocks", None), getattr(model, "up_blocks", None)
     if isinstance(down, nn.ModuleList) and isinstance(up, nn.ModuleList) and getattr(model, "mid_block", None) is not None:
         if not 0 <= branch < len(down) - 1:
@@ -249,12 +339,14 @@ def _count_macs(state: _State):
     return hook
 
 
-def apply_cache(model: nn.Module, policy: CachePolicy, branch: int = 0, forecast: int = 0, scheduler: Any = None) -> nn.Module:
+def apply_cache(model: nn.Module, policy: CachePolicy, branch: int = 0, forecast: int = 0, scheduler: Any = None,
+                granularity: str = "block") -> nn.Module:  # fmt: skip
     """Hook ``model`` (a diffusers transformer or UNet) with ``policy``; returns the model. ``branch``: the DeepCache
     skip branch of a UNet (0 = keep only the outermost down/up pair fresh on reused steps). ``forecast``: 0 reuses
     the cached value as it is (FORA, DeepCache, TeaCache); k = 1 or 2 extrapolates it from the last k + 1 computed
     steps with a Taylor series in the step index (TaylorSeer, Liu et al. 2025, eq. 8). ``scheduler``: the
-    pipeline's scheduler, so that policies also see each step's sigma (``StepContext.sigma``)."""
+    pipeline's scheduler, so that policies also see each step's sigma (``StepContext.sigma``). ``granularity``:
+    the units, see :func:`cache_units`."""
     if forecast not in (0, 1, 2):
         raise InputError(f"forecast is the Taylor order of the reused features: 0, 1 or 2; got {forecast!r}")
     if not isinstance(policy, CachePolicy):
@@ -262,11 +354,12 @@ def apply_cache(model: nn.Module, policy: CachePolicy, branch: int = 0, forecast
     if getattr(model, "_fastdiff_cache", None) is not None:
         raise InputError(f"{type(model).__name__} already has a fastdiff cache; call remove_cache(model) first")
     state = _State(policy, sigma_of=None if scheduler is None else _sigma_of(scheduler))
-    units = cache_units(model, branch)
+    units = cache_units(model, branch, granularity)
     policy.bind([n for n, _, _ in units], model_id(model))
+    unet = not _block_lists(model)
     for i, (_, module, mode) in enumerate(units):
         names, index = _block_metadata(module) if mode == "residual" else (("hidden_states",), {0: 0})
-        always = i == 0 and (policy.needs_probe or mode == "output")  # a UNet's outermost down block is the skip branch
+        always = i == 0 and (policy.needs_probe or unet)  # a UNet's outermost down block is the skip branch
         hook = _UnitHook(state, i, mode, names, index, forecast, always)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, UNIT_HOOK)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(state), STEP_HOOK)
@@ -348,18 +441,24 @@ def remove_cache(model: nn.Module) -> nn.Module:
 
 
 def cache_stats(model: nn.Module) -> dict:
-    """Reuse in the last generation: overall, per unit and per step, and the estimated share of the model's
-    multiply-accumulates (Linear and Conv2d layers) saved."""
+    """Reuse in the last generation: overall, per unit and per step (over all calls of a step: ``calls`` names
+    them), and the estimated share of the model's multiply-accumulates (Linear and Conv2d layers) saved."""
     state = getattr(model, "_fastdiff_cache", None)
     if state is None or not state.log:
         raise InputError("no cached generation to report; apply_cache(model, policy) and run the pipeline first")
-    steps = 1 + max(s for s, _ in state.log)
-    units = len(state.unit_names)
-    reused = {k for k, computed in state.log.items() if not computed}
-    saved = sum(state.macs.get(u, 0.0) for _, u in reused)
+    log = state.log
+    steps = 1 + max(s for _, s, _ in log)
+    reused = [k for k, computed in log.items() if not computed]
+    saved = sum(state.macs.get(u, 0.0) for _, _, u in reused)
+    model_calls = len({(c, s) for c, s, _ in log})
+
+    def rate(where: int, value: int) -> float:
+        entries = [computed for k, computed in log.items() if k[where] == value]
+        return sum(not c for c in entries) / len(entries) if entries else 0.0
+
     return {
-        "steps": steps, "units": state.unit_names, "reuse_rate": len(reused) / len(state.log),
-        "reuse_rate_per_unit": [sum((s, u) in reused for s in range(steps)) / steps for u in range(units)],
-        "reuse_rate_per_step": [sum((s, u) in reused for u in range(units)) / units for s in range(steps)],
-        "macs_saved": saved / (state.total_macs * steps) if state.total_macs else 0.0,
+        "steps": steps, "calls": sorted({c for c, _, _ in log}), "units": state.unit_names, "reuse_rate": len(reused) / len(log),
+        "reuse_rate_per_unit": [rate(2, u) for u in range(len(state.unit_names))],
+        "reuse_rate_per_step": [rate(1, s) for s in range(steps)],
+        "macs_saved": saved / (state.total_macs * model_calls) if state.total_macs else 0.0,
     }  # fmt: skip

@@ -22,13 +22,19 @@ __all__ = ["StepContext", "CachePolicy", "NeverReuse", "EveryN", "StageSwitch", 
 
 @dataclass(frozen=True)
 class StepContext:
-    """Where a model call sits in its generation: ``step`` counts the model calls since the generation began (one
-    per denoising step; a classifier-free guided batch is one call); ``timestep`` is what the model was given;
-    ``sigma`` its noise level (``x = x0 + sigma * eps``) when ``apply_cache`` was given the scheduler, else None."""
+    """Where a model call sits in its generation. ``call`` names it within its denoising step when a pipeline calls
+    the model more than once per step (Flux with ``true_cfg_scale``: conditional, then unconditional): the name of
+    the ``cache_context`` the pipeline opened ("cond", "uncond"), or without one "0", "1", ... in call order; a
+    classifier-free guided *batch* is one call, "0". ``step`` counts the model calls with this ``call`` name since the
+    generation began (one per denoising step; a sampler that evaluates the model twice per step, such as Heun or
+    PLMS's first step, counts each evaluation). ``timestep`` is what the model was given; ``sigma`` its noise level
+    (``x = x0 + sigma * eps``) when ``apply_cache`` was given the scheduler, else None. The hooks keep a separate
+    cache per ``call``, and stateful policies keep their state per ``call``."""
 
     step: int
     timestep: float
     sigma: float | None = None
+    call: str = "0"
 
 
 class CachePolicy:
@@ -115,20 +121,28 @@ class StageSwitch(CachePolicy):
 
 
 @dataclass
+class _Accumulated:
+    """:class:`ResidualThreshold`'s running state for one call of the step (``StepContext.call``)."""
+
+    prev: Tensor | None = None  # the probe at the previous step
+    acc: float = 0.0  # accumulated (rescaled) relative change since the last computed step
+    run: int = 0  # reused steps in a row
+    compute: bool = True  # this step's decision
+
+
+@dataclass
 class ResidualThreshold(CachePolicy):
     """Adaptive caching (First-Block-Cache / TeaCache): the relative L1 change of the first unit's residual,
     rescaled by a polynomial (``coefficients``, highest degree first; identity by default; ``fastdiff cache
     calibrate`` fits one), is accumulated over reused steps; the other units are reused while the sum stays below
-    ``threshold`` and at most ``max_reuse`` steps in a row, then recomputed."""
+    ``threshold`` and at most ``max_reuse`` steps in a row, then recomputed. Each call of a step
+    (``StepContext.call``: conditional, unconditional) accumulates on its own."""
 
     threshold: float = 0.1
     coefficients: Sequence[float] = (1.0, 0.0)
     warmup: int = 1
     max_reuse: int = 4
-    _prev: Tensor | None = field(default=None, repr=False)
-    _acc: float = 0.0
-    _run: int = 0
-    _compute: bool = True
+    _calls: dict[str, _Accumulated] = field(default_factory=dict, repr=False)
     needs_probe = True
 
     def __post_init__(self):
@@ -138,24 +152,26 @@ class ResidualThreshold(CachePolicy):
             raise InputError(f"max_reuse and warmup must be >= 1; got max_reuse={self.max_reuse}, warmup={self.warmup}")
 
     def reset(self) -> None:
-        self._prev, self._acc, self._run, self._compute = None, 0.0, 0, True
+        self._calls = {}
 
     def observe(self, ctx: StepContext, probe: Tensor) -> None:
         probe = probe.detach().float()
-        if self._prev is None or ctx.step < self.warmup or self._prev.shape != probe.shape:
-            self._compute = True
+        s = self._calls.setdefault(ctx.call, _Accumulated())
+        if s.prev is None or ctx.step < self.warmup or s.prev.shape != probe.shape:
+            s.compute = True
         else:
-            rel = float((probe - self._prev).abs().mean() / self._prev.abs().mean().clamp_min(1e-12))
-            self._acc += max(0.0, float(sum(c * rel**k for k, c in enumerate(reversed(self.coefficients)))))  # a fitted poly may dip below 0
-            self._compute = self._acc >= self.threshold or self._run >= self.max_reuse
-        if self._compute:
-            self._acc, self._run = 0.0, 0
+            rel = float((probe - s.prev).abs().mean() / s.prev.abs().mean().clamp_min(1e-12))
+            s.acc += max(0.0, float(sum(c * rel**k for k, c in enumerate(reversed(self.coefficients)))))  # a fitted poly may dip below 0
+            s.compute = s.acc >= self.threshold or s.run >= self.max_reuse
+        if s.compute:
+            s.acc, s.run = 0.0, 0
         else:
-            self._run += 1
-        self._prev = probe
+            s.run += 1
+        s.prev = probe
 
     def should_compute(self, ctx: StepContext, unit: int) -> bool:
-        return self._compute
+        s = self._calls.get(ctx.call)
+        return s is None or s.compute
 
 
 @dataclass

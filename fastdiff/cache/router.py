@@ -1,13 +1,19 @@
 """A learned cache plan: the HarmoniCa router (Huang et al., ICML 2025, sec. 4), trained data-free.
 
-The router holds one logit per (denoising step, unit); its score ``sigmoid(logit)`` says how much of a unit's fresh
-output a step needs. During training each unit returns ``s * fresh + (1 - s) * reused`` (and refreshes its cache
-where ``s > threshold``); at inference the plan is ``s > threshold`` (the straight-through threshold, 0.1 in the
-paper) and runs as a :class:`~fastdiff.cache.policies.StaticMask`. Step 0 always computes.
+The router holds one logit per (model call, unit); its score ``sigmoid(logit)`` says how much of a unit's fresh
+output a step needs. A row per entry of the scheduler's ``timesteps``: one per denoising step, more for samplers
+that evaluate the model twice at some steps (Heun, PLMS, F-PNDM). Units are, as in HarmoniCa, the attention and the
+feed-forward of every adaLN-gated block (DiT, PixArt), reused before their gates (``granularity="attn-mlp"``), or
+whole blocks (other models, or ``granularity="block"``). During training each unit returns ``s * fresh + (1 - s) *
+reused`` (and refreshes its cache where ``s > threshold``); at inference the plan is ``s > threshold`` (the
+straight-through threshold, 0.1 in the paper) and runs as a :class:`~fastdiff.cache.policies.StaticMask`. Step 0
+always computes.
 
 * **SDT (step-wise denoising training, sec. 4.1)**: the pipeline samples as it normally does, with the router's
   mixed outputs, so every step sees the error the cache accumulated on the steps before it; at each model call the
-  cached output is compared with a full computation at the same input and the router takes one optimiser step.
+  cached output is compared with a full computation at the same input -- both as the sampler uses them, i.e.
+  after classifier-free guidance combined the batch (HarmoniCa's ``forward_with_cfg``) -- and the router takes one
+  optimiser step.
 * **IEPO (image-error proxy-guided objective, sec. 4.2)**: the error at step t is weighted by ``lambda_t``, the
   change of the final image when caching is switched on at step t on top of the earlier steps (eq. 9); the proxy
   is recomputed every ``lambda_every`` rollouts. Loss per step: ``lambda_t * rel. MSE + beta * mean score`` --
@@ -28,11 +34,12 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import Tensor, nn
 
-from fastdiff.cache.hooks import apply_cache, cache_bypassed, cache_units, cached_model, model_id, remove_cache
+from fastdiff.cache.hooks import GRANULARITIES, apply_cache, cache_bypassed, cache_units, cached_model, main_output, model_id, remove_cache
 from fastdiff.cache.policies import CachePolicy, StaticMask, StepContext
 from fastdiff.errors import InputError
 
-__all__ = ["RouterConfig", "Router", "RouterGate", "iepo_loss", "image_error_proxy", "train_router", "load_router", "apply_router", "class_conditional_call"]
+__all__ = ["RouterConfig", "Router", "RouterGate", "iepo_loss", "image_error_proxy", "train_router", "load_router", "apply_router",
+           "class_conditional_call", "guided"]  # fmt: skip
 
 SDT_HOOK = "fastdiff_router_sdt"
 
@@ -51,6 +58,7 @@ class RouterConfig:
     forecast: int = 0  # Taylor order of the reused features (see apply_cache)
     init: float = 0.0  # initial logit (score 0.5: everything computed and refreshed at first)
     init_every: int = 0  # > 0: start from the static every-N plan instead (logits +-3), which training then refines
+    granularity: str = "attn-mlp"  # units: attention and feed-forward of adaLN-gated blocks (HarmoniCa), or "block"
     seed: int = 0
 
     def __post_init__(self):
@@ -65,11 +73,13 @@ class RouterConfig:
             raise InputError(f"router config: init_every must be an integer >= 0 (0: uniform start); got {self.init_every!r}")
         if self.beta < 0 or self.lr <= 0:
             raise InputError(f"router config: beta must be >= 0 and lr > 0; got beta={self.beta}, lr={self.lr}")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"router config: granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
 
 
 class Router(nn.Module):
-    """One logit per (step, unit), tied to a model (``model``: :func:`model_id`, ``units``) and to the sampler's
-    ``timesteps``."""
+    """One logit per (model call, unit), tied to a model (``model``: :func:`model_id`, ``units``) and to the
+    sampler's ``timesteps`` (one row each)."""
 
     def __init__(self, units: list[str], timesteps: list[float], model: str, init: float = 0.0, meta: dict | None = None):
         super().__init__()
@@ -77,7 +87,7 @@ class Router(nn.Module):
         self.rows = nn.ParameterList(nn.Parameter(torch.full((len(units),), float(init))) for _ in timesteps)
 
     def scores(self) -> Tensor:
-        """``(steps, units)`` scores in [0, 1]; step 0 (nothing cached yet) fixed at 1."""
+        """``(calls, units)`` scores in [0, 1]; call 0 (nothing cached yet) fixed at 1."""
         s = torch.sigmoid(torch.stack(list(self.rows)))
         return torch.cat([torch.ones_like(s[:1]), s[1:]])
 
@@ -122,9 +132,13 @@ def load_router(path: str | Path) -> Router:
 
 
 def apply_router(model: nn.Module, router: Router | str | Path, threshold: float | None = None) -> nn.Module:
-    """Cache ``model`` with a trained router's plan (and the feature forecast it was trained with)."""
+    """Cache ``model`` with a trained router's plan (and the units and feature forecast it was trained with)."""
     router = load_router(router) if isinstance(router, (str, Path)) else router
-    return apply_cache(model, router.plan(threshold), forecast=int(router.meta.get("forecast", 0)))
+    return apply_cache(model, router.plan(threshold), forecast=int(router.meta.get("forecast", 0)), granularity=_granularity(router))
+
+
+def _granularity(router: Router) -> str:
+    return router.meta.get("granularity", "block")  # routers saved before attn-mlp units existed are per block
 
 
 @dataclass
@@ -138,8 +152,9 @@ class RouterGate(CachePolicy):
     _scores: Tensor | None = None  # this step's scores, computed once per model call (with autograd where enabled)
 
     def bind(self, units: list[str], model: str) -> None:
-        if len(units) != len(self.router.units):
-            raise InputError(f"the router has {len(self.router.units)} units; the model has {len(units)}")
+        if units != self.router.units:
+            raise InputError(f"the router's units ({len(self.router.units)}: {self.router.units[0]} ...) are not the model's "
+                             f"({len(units)}: {units[0]} ...)")  # fmt: skip
 
     def begin_step(self, ctx: StepContext) -> None:
         self._scores = self.router.scores()[ctx.step] if self._routed(ctx.step) else None
@@ -161,10 +176,6 @@ def iepo_loss(pred: Tensor, target: Tensor, scores: Tensor, lam: float | Tensor,
     return {"error": lam * error, "l1": beta * scores.mean()}
 
 
-def _first(out: Any) -> Tensor:
-    return out if isinstance(out, Tensor) else out[0]
-
-
 def _detached(out: Any) -> Any:
     if isinstance(out, Tensor):
         return out.detach()
@@ -175,22 +186,24 @@ def _detached(out: Any) -> Any:
 
 
 class _SDTHook(ModelHook):
-    """On every model call of a rollout: the full output (cache untouched), the router-mixed output, the IEPO loss
-    and one optimiser step of that step's logits; the pipeline continues with the mixed output."""
+    """On every model call of a rollout: the full output (cache untouched), the router-mixed output, both as the
+    sampler uses them (``combine``: classifier-free guidance of a batched call), the IEPO loss and one optimiser step
+    of that call's logits; the pipeline continues with the mixed output."""
 
-    def __init__(self, router: Router, cfg: RouterConfig, lam: Tensor, log: Callable[[dict], None]):
+    def __init__(self, router: Router, cfg: RouterConfig, lam: Tensor, combine: Callable[[Tensor], Tensor], log: Callable[[dict], None]):
         super().__init__()
-        self.router, self.cfg, self.lam, self.log = router, cfg, lam, log
+        self.router, self.cfg, self.lam, self.combine, self.log = router, cfg, lam, combine, log
         self.optims = [torch.optim.Adam([row], lr=cfg.lr) for row in router.rows]
 
     def new_forward(self, module, *args, **kwargs):
         with torch.no_grad(), cache_bypassed(module):
-            target = _first(self.fn_ref.original_forward(*args, **kwargs))
+            target = self.combine(main_output(self.fn_ref.original_forward(*args, **kwargs)))
         with torch.enable_grad():
             out = self.fn_ref.original_forward(*args, **kwargs)
             step = module._fastdiff_cache.ctx.step
             if 0 < step < len(self.router.rows):
-                terms = iepo_loss(_first(out).float(), target.float(), self.router.scores()[step], float(self.lam[step]), self.cfg.beta)
+                pred = self.combine(main_output(out))
+                terms = iepo_loss(pred.float(), target.float(), self.router.scores()[step], float(self.lam[step]), self.cfg.beta)
                 sum(terms.values()).backward()
                 self.optims[step].step()
                 self.optims[step].zero_grad(set_to_none=True)
@@ -209,8 +222,24 @@ def class_conditional_call(pipe, steps: int, batch: int, seed: int, guidance_sca
     return pipe(labels, steps, guidance_scale, gens, output_type="latent").images
 
 
+def guided(out: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance ``D_u + w (D_c - D_u)`` of a batched call ``[unconditional; conditional]``, as
+    :class:`~fastdiff.pipelines.ClassConditionalPipeline` combines its model output before the scheduler step."""
+    out_u, out_c = out.chunk(2)
+    return out_u + scale * (out_c - out_u)
+
+
 def _call(call: Callable | None, cfg: RouterConfig) -> Callable:
     return call or partial(class_conditional_call, guidance_scale=cfg.guidance_scale)
+
+
+def _combine(call: Callable | None, combine: Callable | None, cfg: RouterConfig) -> Callable[[Tensor], Tensor]:
+    """What the sampler makes of a model output: given, or the default pipeline's guidance, or the output itself."""
+    if combine is not None:
+        return combine
+    if call is None and cfg.guidance_scale != 1.0:
+        return partial(guided, scale=cfg.guidance_scale)
+    return lambda out: out
 
 
 def _timesteps(pipe, steps: int) -> list[float]:
@@ -219,17 +248,17 @@ def _timesteps(pipe, steps: int) -> list[float]:
 
 
 def image_error_proxy(pipe, router: Router, cfg: RouterConfig, call: Callable | None = None, seed: int = 10_000) -> Tensor:
-    """IEPO's ``lambda_t`` (HarmoniCa eq. 9), with a fixed noise: sample with every unit computed, then switch the
-    router's (soft) caching on step by step, t = 1, 2, ..., T-1, and take the mean squared change of the final images
-    each step adds. Normalised to mean 1 over steps 1..T-1 (step 0 always computes)."""
+    """IEPO's ``lambda_t`` (HarmoniCa eq. 9), one per router row (model call), with a fixed noise: sample with every
+    unit computed, then switch the router's (soft) caching on call by call, t = 1, 2, ..., and take the mean squared
+    change of the final images each call adds. Normalised to mean 1 over calls 1, 2, ... (call 0 always computes)."""
     call = _call(call, cfg)
     model = cached_model(pipe)
-    lam = torch.zeros(cfg.steps)
+    lam = torch.zeros(len(router.rows))
     with torch.no_grad():
         remove_cache(model)
-        apply_cache(model, RouterGate(router, cfg.threshold, until=1), forecast=cfg.forecast)
+        apply_cache(model, RouterGate(router, cfg.threshold, until=1), forecast=cfg.forecast, granularity=_granularity(router))
         prev = call(pipe, cfg.steps, cfg.lambda_batch, seed).float()
-        for t in range(1, cfg.steps):
+        for t in range(1, len(router.rows)):
             model._fastdiff_cache.policy.until = t + 1
             images = call(pipe, cfg.steps, cfg.lambda_batch, seed).float()
             lam[t], prev = (images - prev).pow(2).mean(), images
@@ -237,18 +266,21 @@ def image_error_proxy(pipe, router: Router, cfg: RouterConfig, call: Callable | 
     return lam / lam[1:].mean().clamp_min(1e-12)
 
 
-def train_router(pipe, cfg: RouterConfig, call: Callable | None = None, progress: bool = True) -> tuple[Router, dict]:
+def train_router(pipe, cfg: RouterConfig, call: Callable | None = None, progress: bool = True,
+                 combine: Callable[[Tensor], Tensor] | None = None) -> tuple[Router, dict]:  # fmt: skip
     """Train a HarmoniCa router for ``pipe``'s model and scheduler at ``cfg.steps`` steps. ``call(pipe, steps,
-    batch, seed)`` runs one generation (default: fastdiff's class-conditional pipeline); any diffusers pipeline
-    works with a matching ``call``. Returns the router and a training record."""
+    batch, seed)`` runs one generation (default: fastdiff's class-conditional pipeline at ``cfg.guidance_scale``); any
+    diffusers pipeline works with a matching ``call``. ``combine(model_output)``: what the sampler makes of a model
+    output, where the loss is taken (default: the class-conditional pipeline's guidance, see :func:`guided`; the
+    output itself with a custom ``call``). Returns the router and a training record."""
     from tqdm.auto import tqdm
 
-    call = _call(call, cfg)
+    combine, call = _combine(call, combine, cfg), _call(call, cfg)
     model = cached_model(pipe)
     if getattr(model, "_fastdiff_cache", None) is not None:
         raise InputError("the pipeline's model already has a cache; remove_cache(model) before training a router")
     torch.manual_seed(cfg.seed)
-    units = [n for n, _, _ in cache_units(model)]
+    units = [n for n, _, _ in cache_units(model, granularity=cfg.granularity)]
     router = Router(units, _timesteps(pipe, cfg.steps), model_id(model), cfg.init,
                     meta={**asdict(cfg), "scheduler": type(pipe.scheduler).__name__})  # fmt: skip
     if cfg.init_every:
@@ -257,27 +289,24 @@ def train_router(pipe, cfg: RouterConfig, call: Callable | None = None, progress
                 row.fill_(3.0 if step % cfg.init_every == 0 else -3.0)
     model.requires_grad_(False)
     record: dict[str, list] = {"error": [], "l1": [], "lambda": [], "computed": []}
-    sums: dict[str, float] = {}
-    lam = torch.ones(cfg.steps)
+    lam = torch.ones(len(router.rows))
     bar = tqdm(range(cfg.iterations), desc="router (SDT)", disable=not progress)
     for it in bar:
         if it % cfg.lambda_every == 0:
             lam = image_error_proxy(pipe, router, cfg, call)
             record["lambda"].append(lam.tolist())
-        sums = {"error": 0.0, "l1": 0.0}
-        apply_cache(model, RouterGate(router, cfg.threshold), forecast=cfg.forecast)
-        hook = _SDTHook(router, cfg, lam, lambda terms: [sums.__setitem__(k, sums[k] + v) for k, v in terms.items()])
-        HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, SDT_HOOK)
+        terms: list[dict] = []
+        apply_cache(model, RouterGate(router, cfg.threshold), forecast=cfg.forecast, granularity=cfg.granularity)
+        HookRegistry.check_if_exists_or_initialize(model).register_hook(_SDTHook(router, cfg, lam, combine, terms.append), SDT_HOOK)
         try:
             call(pipe, cfg.steps, cfg.batch_size, cfg.seed * 100_000 + it)
         finally:
             model._diffusers_hook.remove_hook(SDT_HOOK, recurse=False)
             remove_cache(model)
-        computed = float(router.plan(cfg.threshold).mask[1:].float().mean())
-        for k, v in sums.items():
-            record[k].append(v / (cfg.steps - 1))
-        record["computed"].append(computed)
-        bar.set_postfix(error=f"{record['error'][-1]:.3g}", computed=f"{computed:.0%}")
+        for k in ("error", "l1"):  # mean over the routed model calls
+            record[k].append(sum(t[k] for t in terms) / max(len(terms), 1))
+        record["computed"].append(float(router.plan(cfg.threshold).mask[1:].float().mean()))
+        bar.set_postfix(error=f"{record['error'][-1]:.3g}", computed=f"{record['computed'][-1]:.0%}")
     if not all(math.isfinite(v) for v in record["error"]):
         raise InputError("router training diverged (non-finite error); lower lr or check the model")
     return router, record
