@@ -1,5 +1,6 @@
 """Feature-cache hooks: a never-reusing policy is bit-identical to no cache, always-reuse reproduces the hand-computed
-reuse, removal restores the model, state resets between pipeline calls, CFG batches, UNets the DeepCache way."""
+reuse, removal restores the model, state resets between pipeline calls, CFG batches, a cache per call when a pipeline
+calls the model twice per step (true CFG), UNets the DeepCache way; the HarmoniCa router against hand computations."""
 
 import pytest
 import torch
