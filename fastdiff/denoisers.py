@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastdiff.errors import InputError
 from fastdiff.param import Scalings, canonical_prediction_type, consistency_scalings, edm_scalings, x0_from_output
-from fastdiff.schedules import NoiseSchedule, _batch_view, is_flow_config, schedule_from_config
+from fastdiff.schedules import NoiseSchedule, batch_view, is_flow_config, schedule_from_config
 
 __all__ = [
     "Denoiser",
@@ -144,8 +144,8 @@ class DiffusersDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         _check_channels(self.model, x)
         sigma = as_sigma(sigma, x)
-        alpha = _batch_view(self.schedule.scale(sigma), x)
-        beta = alpha * _batch_view(sigma, x)
+        alpha = batch_view(self.schedule.scale(sigma), x)
+        beta = alpha * batch_view(sigma, x)
         x_t = alpha * x
         timestep = self.schedule.sigma_to_t(sigma) * self.timestep_scale
         dtype = next(self.model.parameters()).dtype
@@ -211,7 +211,7 @@ class PreconditionedDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         sigma = as_sigma(sigma, x)
         c = self.scalings(sigma)
-        c_skip, c_out, c_in = (_batch_view(v, x) for v in (c.c_skip, c.c_out, c.c_in))
+        c_skip, c_out, c_in = (batch_view(v, x) for v in (c.c_skip, c.c_out, c.c_in))
         return c_skip * x + c_out * call_model(self.net, c_in * x, c.c_noise, cond)
 
 

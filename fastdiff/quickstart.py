@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastdiff.errors import InputError
+from fastdiff.eval.assets import teacher_path
+from fastdiff.eval.metrics import fid_of_samples
 
-__all__ = ["QuickstartConfig", "run_quickstart", "TEACHERS", "fid_of_samples"]
+__all__ = ["QuickstartConfig", "run_quickstart"]
 
-TEACHERS = ("fashion-mnist", "digits")
 # diffusers' schedulers and the best fastdiff sampler of `fastdiff bench samplers` (GHVB order 2, beta 0.8)
 QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "euler", "pndm", "ghvb-1.8")
 # the fastest feature cache within +5% FID of `fastdiff bench cache` (50 DDIM steps)
@@ -37,34 +37,16 @@ class QuickstartConfig:
     out: str = "outputs/quickstart"
 
 
-def teacher_path(name: str) -> Path:
-    from fastdiff.extractors import ASSETS
-
-    if name not in TEACHERS:
-        raise InputError(f"unknown teacher {name!r}; expected one of {', '.join(TEACHERS)}")
-    path = ASSETS / "teachers" / name
-    if not (path / "model_index.json").is_file():
-        raise InputError(f"the shipped teacher {path} is missing; retrain it with `fastdiff train recipes/teacher_{name.replace('-', '_')}.yaml`")
-    return path
-
-
-def fid_of_samples(images, extractor, reference) -> float:
-    """FID of raw samples against ``reference`` features, scored as their saved uint8 pixels (the extractor quantises)."""
-    from fastdiff.metrics import FeatureSet, extract_features, fid
-
-    return fid(FeatureSet.from_features(extract_features(extractor, images)), reference)
-
-
 def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     """Run the table; returns the JSON record (also written to ``cfg.out/quickstart.json``)."""
     from tqdm.auto import tqdm
 
     from fastdiff.cache import apply_cache_spec, cached_model, remove_cache
-    from fastdiff.evaluation import load_source, source_features
-    from fastdiff.extractors import load_extractor
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.eval.extractors import load_extractor
     from fastdiff.images import save_grid
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.sampling import FASTDIFF_SCHEDULERS, make_scheduler, sample_pipeline
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.sampling import FASTDIFF_SCHEDULERS, make_scheduler, sample_pipeline
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -332,7 +332,7 @@ class EDMSchedule:
 
 def add_noise(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
     """The model's native noisy input ``s(sigma) * (x0 + sigma * noise)`` (diffusers ``add_noise`` / ``scale_noise``)."""
-    sigma = _batch_view(torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device), x0)
+    sigma = batch_view(torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device), x0)
     return schedule.scale(sigma) * (x0 + sigma * noise)
 
 
@@ -356,7 +356,7 @@ def is_flow_config(config: Mapping[str, Any]) -> bool:
     )
 
 
-def _batch_view(sigma: Tensor, x: Tensor) -> Tensor:
+def batch_view(sigma: Tensor, x: Tensor) -> Tensor:
     """Reshape a scalar or per-sample ``sigma`` of shape ``(B,)`` to broadcast against ``x`` of shape ``(B, ...)``."""
     if sigma.ndim == 0:
         return sigma

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastdiff.data import load_digits, load_fashion_mnist, make_loader
-from fastdiff.extractors import ASSETS, ClassifierConfig, DomainClassifier
+from fastdiff.datasets import load_digits, load_fashion_mnist, make_loader
+from fastdiff.eval.assets import ASSETS
+from fastdiff.eval.extractors import ClassifierConfig, DomainClassifier
 
 PLANS = {  # data set -> (loader, image size, epochs)
     "digits": (load_digits, 8, 60),

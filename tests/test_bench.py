@@ -48,7 +48,7 @@ def test_report_flags_figures_scored_under_the_old_protocol(tmp_path):
 
 
 def test_samplers_oracle_quick_orders():
-    from fastdiff.bench import bench_samplers_oracle
+    from fastdiff.bench.oracle import bench_samplers_oracle
 
     rows = {r["sampler"]: r for r in bench_samplers_oracle(quick=True, progress=False)["rows"]}
     assert 0.85 < rows["euler"]["fitted_order"] < 1.15 and 1.8 < rows["heun"]["fitted_order"] < 2.4
@@ -67,7 +67,7 @@ def _sampler_rows():
 
 
 def test_sampler_report_and_targets(tmp_path):
-    from fastdiff.bench_samplers import targets
+    from fastdiff.bench.samplers import targets
 
     data = {
         "machine": machine(), "quick": False, "teacher": "fashion-mnist", "num_samples": 8, "guidance": [1.0, 6.0], "nfe": [6],
@@ -92,7 +92,7 @@ def test_sampler_report_and_targets(tmp_path):
 
 
 def test_sampler_bench_quick_runs_end_to_end():
-    from fastdiff.bench_samplers import SAMPLER_ENTRIES, bench_samplers
+    from fastdiff.bench.samplers import SAMPLER_ENTRIES, bench_samplers
 
     data = bench_samplers(quick=True, progress=False, num_samples=4)
     labels = {r["sampler"] for r in data["rows"]}
@@ -106,7 +106,7 @@ def test_sampler_bench_quick_runs_end_to_end():
 def test_cache_bench_quick_runs_end_to_end(tmp_path):
     """fastdiff's policies and diffusers' PAB / First Block Cache / TaylorSeer (with the context fastdiff opens) run in
     one quick pass; fastdiff's residual threshold and diffusers' First Block Cache agree at equal thresholds."""
-    from fastdiff.bench_cache import bench_cache, cache_entries
+    from fastdiff.bench.cache import bench_cache, cache_entries
 
     data = bench_cache(quick=True, progress=False)
     assert len(data["rows"]) == len(cache_entries())
@@ -121,7 +121,7 @@ def test_cache_bench_quick_runs_end_to_end(tmp_path):
 
 def test_cache_unet_bench_quick(tmp_path):
     """The digits UNet teacher, DeepCache-style rows with and without the forecast, rendered as its own section."""
-    from fastdiff.bench_cache import bench_cache_unet, unet_cache_entries
+    from fastdiff.bench.cache import bench_cache_unet, unet_cache_entries
 
     data = bench_cache_unet(quick=True, progress=False)
     assert data["teacher"] == "digits" and len(data["rows"]) == len(unet_cache_entries())
@@ -135,7 +135,7 @@ def test_cache_unet_bench_quick(tmp_path):
 
 def test_distill_report_names_each_rows_recipe_switches(tmp_path):
     """Rows of one recipe run with different switches (iLCT with / without OT) are told apart in the table."""
-    from fastdiff.bench_distill import DISTILL_RECIPES
+    from fastdiff.bench.distill import DISTILL_RECIPES
 
     stats = {"mean": 4.0, "std": 0.5, "values": [4.0]}
     rows = [{"objective": label, "recipe": path, "overrides": list(o), "steps": 10, "batch_size": 8, "wall_minutes": 1.0,

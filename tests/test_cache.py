@@ -24,7 +24,7 @@ from fastdiff.errors import InputError
 def _dit_pipe(in_channels: int = 4):
     from diffusers import DDIMScheduler
 
-    from fastdiff.pipelines import ClassConditionalPipeline
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 
     pipe = ClassConditionalPipeline(scheduler=DDIMScheduler(), transformer=tiny_dit(num_layers=4, in_channels=in_channels).eval())
     pipe.set_progress_bar_config(disable=True)
@@ -90,7 +90,7 @@ def test_state_resets_between_pipeline_calls_and_stats():
 def test_unet_deepcache_style():
     from diffusers import DDIMScheduler
 
-    from fastdiff.pipelines import ClassConditionalPipeline
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 
     pipe = ClassConditionalPipeline(scheduler=DDIMScheduler(), unet=tiny_unet(num_class_embeds=4).eval())
     pipe.set_progress_bar_config(disable=True)
@@ -408,7 +408,7 @@ def test_command_line_calibrate_train_router_and_sample(tmp_path, capsys):
     import json
 
     from fastdiff.cli import main
-    from fastdiff.pipelines import save_teacher
+    from fastdiff.pipelines.class_conditional import save_teacher
 
     folder = str(save_teacher(_dit_pipe(in_channels=1), tmp_path / "teacher"))
     router, fit = tmp_path / "r.safetensors", tmp_path / "fit.json"
@@ -577,7 +577,7 @@ def test_train_router_with_samplers_that_call_the_model_more_than_once_per_step(
     """PLMS (N + 1 calls) and Heun (2N - 1 calls): one router row and one lambda per model call; the trained plan
     then runs with the same sampler."""
     from fastdiff.cache import RouterConfig, apply_router, train_router
-    from fastdiff.sampling import make_scheduler
+    from fastdiff.pipelines.sampling import make_scheduler
 
     pipe = _dit_pipe()
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))

@@ -2,9 +2,9 @@
 
 import pytest
 
-from fastdiff.config import load_config, to_dict
+from fastdiff.training.config import load_config, to_dict
 from fastdiff.errors import InputError
-from fastdiff.teacher import TeacherRecipe
+from fastdiff.training.teacher import TeacherRecipe
 
 
 def test_recipe_with_overrides(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdiff.data import FASHION_MNIST_DIR, load_digits, load_fashion_mnist, load_image_folder, read_idx, toy_2d
+from fastdiff.datasets import FASHION_MNIST_DIR, load_digits, load_fashion_mnist, load_image_folder, read_idx, toy_2d
 from fastdiff.errors import InputError
 from fastdiff.oracle import eight_gaussians
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from fastdiff.cli import main
 from fastdiff.errors import InputError
-from fastdiff.evaluation import load_source, source_features
-from fastdiff.extractors import load_extractor
+from fastdiff.eval.sources import load_source, source_features
+from fastdiff.eval.extractors import load_extractor
 
 
 def _folder(path, n, size=(8, 8), mode="L"):

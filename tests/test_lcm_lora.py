@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_cond_unet, tiny_sd_pipeline
 from PIL import Image
 
-from fastdiff.config import from_dict, load_config
+from fastdiff.training.config import from_dict, load_config
 from fastdiff.errors import InputError
-from fastdiff.lcm_lora import LCMLoRARecipe, lcm_objective, run_lcm_lora
+from fastdiff.training.lcm_lora import LCMLoRARecipe, lcm_objective, run_lcm_lora
 
 
 def _captioned(folder):
@@ -53,7 +53,7 @@ def test_lcm_lora_bad_input(tmp_path):
     recipe = from_dict(LCMLoRARecipe, {"output_dir": str(tmp_path / "run"), "sd": {"pretrained": str(tmp_path)}})
     with pytest.raises(InputError, match="not a local diffusers pipeline folder"):
         run_lcm_lora(recipe)
-    from fastdiff.lcm_lora import load_captioned_folder
+    from fastdiff.training.lcm_lora import load_captioned_folder
 
     (tmp_path / "d").mkdir()
     with pytest.raises(InputError, match="needs a metadata.jsonl"):
@@ -66,7 +66,7 @@ def test_lcm_lora_bad_input(tmp_path):
 def test_full_lcm_student_with_guidance_embedding_runs_in_lcm_pipeline(tmp_path):
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 
-    from fastdiff.objectives.consistency import guidance_embedding
+    from fastdiff.objectives import guidance_embedding
 
     base = tiny_sd_pipeline(tmp_path)
     w = torch.tensor([0.0, 4.5, 14.0])
@@ -94,7 +94,7 @@ def test_sd_recipe_loss_is_diffusers_elementwise_pseudo_huber():
     LCM-LoRA commands of diffusers' README run (--loss_type huber), not iCT's whole-sample pseudo-Huber."""
     from diffusers import DDPMScheduler
 
-    from fastdiff.objectives.consistency import TextConditioner
+    from fastdiff.objectives import TextConditioner
 
     recipe = load_config(LCMLoRARecipe, Path(__file__).resolve().parent.parent / "recipes" / "lcm_lora_sd15.yaml")
     cond = TextConditioner(torch.randn(3, 5, 16), torch.zeros(5, 16))

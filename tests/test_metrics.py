@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 
 from fastdiff.errors import InputError
-from fastdiff.metrics import FeatureSet, fid, kid, precision_recall
+from fastdiff.eval.metrics import FeatureSet, fid, kid, precision_recall
 
 
 def _scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
@@ -67,7 +67,7 @@ def test_stats_only_and_dimension_errors():
 
 def test_inception_path_offline_with_a_generated_weights_file(tmp_path, monkeypatch):
     """The standard extractor end to end; the weights file is made here, never downloaded or committed."""
-    from fastdiff.extractors import load_extractor
+    from fastdiff.eval.extractors import load_extractor
     from fastdiff.testing import write_random_inception_weights
 
     weights = write_random_inception_weights(tmp_path / "inception.pth")

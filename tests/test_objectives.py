@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_unet
 
 from fastdiff.errors import InputError
-from fastdiff.objectives.consistency import (
+from fastdiff.objectives import (
     ConsistencyDistillation,
     ConsistencyTraining,
     ict_num_levels,
@@ -295,7 +295,7 @@ def test_cm_student_samples_the_same_in_diffusers_pipeline():
     from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
     from fastdiff.denoisers import consistency_precond
-    from fastdiff.distill import _lcm_scheduler, student_pipeline
+    from fastdiff.training.distill import _lcm_scheduler, student_pipeline
     from fastdiff.samplers import sample_consistency
 
     net = tiny_unet(num_class_embeds=4)
@@ -314,7 +314,7 @@ def test_lcm_lora_objective_trains_only_the_adapter():
     from conftest import tiny_cond_unet
     from diffusers import DDPMScheduler
 
-    from fastdiff.objectives.consistency import TextConditioner
+    from fastdiff.objectives import TextConditioner
     from fastdiff.schedules import VPSchedule
 
     unet = tiny_cond_unet()

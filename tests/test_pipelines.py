@@ -10,8 +10,8 @@ from diffusers.configuration_utils import FrozenDict
 from torch import nn
 
 from fastdiff.errors import InputError
-from fastdiff.pipelines import ClassConditionalPipeline, load_pipeline, save_teacher
-from fastdiff.sampling import SCHEDULERS, make_scheduler, sample_pipeline
+from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, load_pipeline, save_teacher
+from fastdiff.pipelines.sampling import SCHEDULERS, make_scheduler, sample_pipeline
 from fastdiff.schedules import VPSchedule
 
 STD = 0.3  # data: class c ~ N(MEANS[c], STD^2 I) on 1x8x8 images; the last label is the null class

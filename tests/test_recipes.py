@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.config import load_config, recipe_objective
-from fastdiff.distill import DistillRecipe, build_objective, run_distill
-from fastdiff.teacher import TeacherRecipe
+from fastdiff.training.config import load_config, recipe_objective
+from fastdiff.training.distill import DistillRecipe, build_objective, run_distill
+from fastdiff.training.teacher import TeacherRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -16,7 +16,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_parses(path):
-    from fastdiff.lcm_lora import LCMLoRARecipe
+    from fastdiff.training.lcm_lora import LCMLoRARecipe
 
     cls = {"denoising": TeacherRecipe, "lcm-lora": LCMLoRARecipe}.get(recipe_objective(path), DistillRecipe)
     recipe = load_config(cls, path)
@@ -30,7 +30,7 @@ CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd"
 def test_consistency_recipe_smoke(path, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from fastdiff.pipelines import ClassConditionalPipeline
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 
     overrides = [f"output_dir={tmp_path / 'run'}", "trainer.steps=3", "trainer.batch_size=16", "trainer.tracker=none",
                  "eval.num_samples=10", "eval.steps=[1]", "eval.grid=4"]  # fmt: skip

@@ -209,8 +209,8 @@ def test_ddpm_pipeline_and_teacher_pipeline():
     images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1)
 
-    from fastdiff.extractors import ASSETS
-    from fastdiff.pipelines import load_pipeline
+    from fastdiff.eval.assets import ASSETS
+    from fastdiff.pipelines.class_conditional import load_pipeline
 
     teacher = load_pipeline(ASSETS / "teachers" / "digits")
     for cls in ALL:

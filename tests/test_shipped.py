@@ -9,12 +9,14 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
 from fastdiff.cli import main
 from fastdiff.errors import InputError
-from fastdiff.extractors import ASSETS, load_extractor
-from fastdiff.pipelines import ClassConditionalPipeline
-from fastdiff.evaluation import load_source, source_features
-from fastdiff.pipelines import load_pipeline
-from fastdiff.quickstart import QuickstartConfig, fid_of_samples, run_quickstart
-from fastdiff.sampling import make_scheduler, sample_pipeline
+from fastdiff.eval.assets import ASSETS
+from fastdiff.eval.extractors import load_extractor
+from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
+from fastdiff.eval.sources import load_source, source_features
+from fastdiff.pipelines.class_conditional import load_pipeline
+from fastdiff.eval.metrics import fid_of_samples
+from fastdiff.quickstart import QuickstartConfig, run_quickstart
+from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
 TEACHERS = ["digits", "fashion-mnist"]
 
@@ -37,7 +39,7 @@ def test_teacher_loads_offline_and_swaps_scheduler(name, monkeypatch):
 @pytest.mark.parametrize("name", TEACHERS)
 def test_extractor_is_accurate(name):
     """The shipped classifier's accuracy, recomputed on the test split, is high and what its config records."""
-    from fastdiff.data import load_dataset
+    from fastdiff.datasets import load_dataset
 
     record = json.loads((ASSETS / "extractors" / name / "config.json").read_text())
     ext = load_extractor(name)
@@ -70,12 +72,12 @@ def test_quickstart_smoke(tmp_path):
 
 
 def test_quickstart_refuses_a_bad_cache_setting_before_sampling(tmp_path, monkeypatch):
-    import fastdiff.sampling
+    import fastdiff.pipelines.sampling
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the cache setting")
 
-    monkeypatch.setattr(fastdiff.sampling, "sample_pipeline", no_sampling)
+    monkeypatch.setattr(fastdiff.pipelines.sampling, "sample_pipeline", no_sampling)
     cfg = QuickstartConfig(teacher="digits", schedulers=("ddim",), steps=(2,), num_samples=4, out=str(tmp_path), cache="every:0")
     with pytest.raises(InputError, match="interval must be an integer >= 1"):
         run_quickstart(cfg, progress=False)

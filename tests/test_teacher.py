@@ -7,10 +7,10 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from fastdiff.config import load_config
+from fastdiff.training.config import load_config
 from fastdiff.errors import InputError
-from fastdiff.pipelines import load_pipeline
-from fastdiff.teacher import TeacherRecipe, build_model, train_teacher
+from fastdiff.pipelines.class_conditional import load_pipeline
+from fastdiff.training.teacher import TeacherRecipe, build_model, train_teacher
 
 TINY = {
     "teacher_digits.yaml": ["model.block_out_channels=[8, 16]"],
@@ -42,7 +42,7 @@ def test_recipe_smoke(recipe, tmp_path):
 def test_v_target_loss_is_zero_for_an_oracle_model():
     """With the exact v-target as model output the loss vanishes: the target and the noising agree."""
     from fastdiff.schedules import VPSchedule
-    from fastdiff.teacher import denoising_loss
+    from fastdiff.training.teacher import denoising_loss
 
     schedule = VPSchedule.from_config({"beta_schedule": "linear"})
     x0 = torch.randn(4, 1, 4, 4)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from fastdiff.config import load_config
-from fastdiff.distill import DistillRecipe, build_objective, run_distill
+from fastdiff.training.config import load_config
+from fastdiff.training.distill import DistillRecipe, build_objective, run_distill
 from fastdiff.errors import InputError
-from fastdiff.trainer import TrainerConfig, TrainingStopped, find_checkpoint, train
+from fastdiff.training.trainer import TrainingStopped, find_checkpoint, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
 
 def _tiny_run(tmp_path, steps=10, objective_wrapper=None, resume=None, **trainer):
     recipe = load_config(DistillRecipe, _recipe(tmp_path, steps=steps, **trainer))
-    from fastdiff.data import load_digits
+    from fastdiff.datasets import load_digits
 
     data = load_digits("train")
     torch.manual_seed(0)

@@ -224,7 +224,7 @@ def class_conditional_call(pipe, steps: int, batch: int, seed: int, guidance_sca
 
 def guided(out: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance ``D_u + w (D_c - D_u)`` of a batched call ``[unconditional; conditional]``, as
-    :class:`~fastdiff.pipelines.ClassConditionalPipeline` combines its model output before the scheduler step."""
+    :class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline` combines its model output before the scheduler step."""
     out_u, out_c = out.chunk(2)
     return out_u + scale * (out_c - out_u)
 

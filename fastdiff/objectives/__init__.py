@@ -1,14 +1,23 @@
-"""Training objectives hosted by :func:`fastdiff.trainer.train` (see :mod:`fastdiff.objectives.base` for the contract)."""
+"""Training objectives hosted by :func:`fastdiff.training.trainer.train` (see :mod:`fastdiff.objectives.base` for
+the contract). One module per method family; :mod:`~fastdiff.objectives.losses` and
+:mod:`~fastdiff.objectives.conditioning` are the parts they share."""
 
 from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
-from fastdiff.objectives.consistency import (
-    ClassConditioner,
-    ConsistencyDistillation,
+from fastdiff.objectives.conditioning import ClassConditioner, TextConditioner
+from fastdiff.objectives.consistency_distillation import LORA_TARGETS, ConsistencyDistillation, guidance_embedding, with_guidance_embedding
+from fastdiff.objectives.consistency_training import (
     ConsistencyTraining,
-    TextConditioner,
+    ict_num_levels,
+    karras_levels,
+    lct_cauchy_c,
+    lct_diffusion_mask,
+    lognormal_level_probs,
+    non_scaling_layernorm,
+    ot_pairing,
 )
 
 __all__ = [
     "LossOutput", "Objective", "per_sample_rand", "per_sample_randn", "ConsistencyTraining", "ConsistencyDistillation",
-    "ClassConditioner", "TextConditioner",
+    "ClassConditioner", "TextConditioner", "LORA_TARGETS", "guidance_embedding", "with_guidance_embedding", "ict_num_levels",
+    "karras_levels", "lct_cauchy_c", "lct_diffusion_mask", "lognormal_level_probs", "non_scaling_layernorm", "ot_pairing",
 ]  # fmt: skip

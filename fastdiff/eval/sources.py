@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from fastdiff.errors import InputError
-from fastdiff.extractors import Extractor
+from fastdiff.eval.extractors import Extractor
 from fastdiff.images import from_pixels, to_pixels
-from fastdiff.metrics import FeatureSet, extract_features, fid, kid, precision_recall
+from fastdiff.eval.metrics import FeatureSet, extract_features, fid, kid, precision_recall
 
 __all__ = ["load_source", "source_features", "compare", "cache_dir", "ImageSource"]
 
@@ -65,7 +65,7 @@ def load_source(spec: str, channels: int, size: int | None = None) -> ImageSourc
     """Images (or statistics) from a folder, an ``.npz`` or a data set split; at least 2 images."""
     path = Path(spec)
     if path.is_dir():
-        from fastdiff.data import load_image_folder
+        from fastdiff.datasets import load_image_folder
 
         images = load_image_folder(path, size=size, channels=channels).data
         return _checked(ImageSource(images, None, f"folder {path}", _hash_images(images)))
@@ -89,7 +89,7 @@ def load_source(spec: str, channels: int, size: int | None = None) -> ImageSourc
         raise InputError(f"{path} holds neither statistics (mu, sigma) nor images (images, arr_0); keys: {sorted(keys)}")
     match = _DATASET_SPEC.match(spec)
     if match and not path.exists():
-        from fastdiff.data import load_dataset
+        from fastdiff.datasets import load_dataset
 
         images = load_dataset(match.group(1), match.group(2) or "test").data
         return ImageSource(images, None, f"data set {match.group(1)}:{match.group(2) or 'test'}", _hash_images(images))

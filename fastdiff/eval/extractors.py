@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.errors import InputError
+from fastdiff.eval.assets import ASSETS
 from fastdiff.images import from_pixels, to_pixels
 
 __all__ = ["DomainClassifier", "Extractor", "load_extractor", "EXTRACTORS", "ASSETS", "INCEPTION_WEIGHTS_NAME"]
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXTRACTORS = ("inception", "digits", "fashion-mnist")
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
 

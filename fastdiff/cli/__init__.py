@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.data import DATASETS
+from fastdiff.datasets import DATASETS
 from fastdiff.errors import InputError
 
 
@@ -58,7 +58,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Summarise a dataset and optionally write a grid of its first images."""
-    from fastdiff.data import load_dataset
+    from fastdiff.datasets import load_dataset
 
     ds = load_dataset(args.name, args.split, args.root, args.size, args.channels, args.labels, args.seed)
     counts = torch.bincount(ds.labels, minlength=ds.num_classes).tolist()
@@ -75,10 +75,10 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Run a training recipe (YAML) with dotted overrides: a teacher (``objective: denoising``), a consistency
     student (``objective: ict | ilct | cd``) or an LCM-LoRA adapter (``objective: lcm-lora``)."""
-    from fastdiff.config import load_config, recipe_objective
-    from fastdiff.distill import DistillRecipe, run_distill
-    from fastdiff.teacher import TeacherRecipe, train_teacher
-    from fastdiff.trainer import TrainingStopped
+    from fastdiff.training.config import load_config, recipe_objective
+    from fastdiff.training.distill import DistillRecipe, run_distill
+    from fastdiff.training.teacher import TeacherRecipe, train_teacher
+    from fastdiff.training.trainer import TrainingStopped
 
     if recipe_objective(args.recipe) == "denoising":
         if args.resume:
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     try:
         if recipe_objective(args.recipe) == "lcm-lora":
-            from fastdiff.lcm_lora import LCMLoRARecipe, run_lcm_lora
+            from fastdiff.training.lcm_lora import LCMLoRARecipe, run_lcm_lora
 
             print(f"saved {run_lcm_lora(load_config(LCMLoRARecipe, args.recipe, args.set), args.resume, not args.no_progress)}")
             return
@@ -118,9 +118,9 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 def cmd_fid(args: argparse.Namespace) -> None:
     """FID (and KID, precision/recall) between two sources, or a pipeline sampled on the fly and a reference."""
     import fastdiff
-    from fastdiff.evaluation import compare, load_source, source_features
-    from fastdiff.extractors import load_extractor
-    from fastdiff.metrics import FeatureSet
+    from fastdiff.eval.sources import compare, load_source, source_features
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.eval.metrics import FeatureSet
 
     expected = 1 if args.pipeline else 2
     if len(args.sources) != expected:
@@ -156,14 +156,14 @@ def cmd_fid(args: argparse.Namespace) -> None:
 
 
 def _features(extractor, images, args):
-    from fastdiff.metrics import extract_features
+    from fastdiff.eval.metrics import extract_features
 
     return extract_features(extractor, images, progress=not args.no_progress, desc="generated")
 
 
 def _sample_for_fid(args: argparse.Namespace, extractor):
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.sampling import make_scheduler, sample_pipeline
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
     pipe = load_pipeline(args.pipeline)
     if extractor.image_shape is not None and tuple(pipe.image_shape) != extractor.image_shape:
@@ -183,8 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
     from fastdiff.images import save_grid, to_uint8
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.sampling import make_scheduler, sample_pipeline
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
     out = Path(args.out)
     targets = [out / "grid.png", out / "samples.npz"]
@@ -213,9 +213,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _pipeline_for_cache(args: argparse.Namespace):
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.quickstart import TEACHERS, teacher_path
-    from fastdiff.sampling import make_scheduler
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.eval.assets import TEACHERS, teacher_path
+    from fastdiff.pipelines.sampling import make_scheduler
 
     pipe = load_pipeline(teacher_path(args.pipeline) if args.pipeline in TEACHERS else args.pipeline)
     if args.scheduler:
@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from fastdiff.cache.spec import CACHE_SPEC_HELP
-    from fastdiff.extractors import EXTRACTORS
-    from fastdiff.sampling import SCHEDULERS
+    from fastdiff.eval.extractors import EXTRACTORS
+    from fastdiff.pipelines.sampling import SCHEDULERS
 
     def add_pipeline_args(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument("--pipeline", required=required, metavar="PATH", help="a fastdiff/diffusers pipeline folder, e.g. assets/teachers/fashion-mnist")
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     add_pipeline_args(p, required=False)
     p.add_argument("--extractor", default="inception", help=f"{', '.join(EXTRACTORS)} or an extractor folder (default inception)")
-    p.add_argument("--inception-weights", metavar="PATH", help=f"torch-fidelity's Inception weights (offline machines)")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights (offline machines)")
     p.add_argument("--kid", action="store_true", help="also KID (unbiased, mean and std over subsets)")
     p.add_argument("--pr", action="store_true", help="also precision/recall (k-NN manifolds, k=3)")
     p.add_argument("--size", type=int, help="resize folder images: shorter side to SIZE, centre crop (default: error on mixed sizes)")

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fastdiff.checkpoints import MANIFEST, find_checkpoint, latest_good, save_checkpoint
-from fastdiff.ema import EMA, decay_from_half_life
+from fastdiff.training.checkpoints import MANIFEST, find_checkpoint, latest_good, save_checkpoint
+from fastdiff.training.ema import EMA, decay_from_half_life
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import Objective
 
@@ -118,7 +118,7 @@ def train(objective: Objective, images: Tensor, labels: Tensor, cfg: TrainerConf
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accelerator.is_main_process)
     tick = time.perf_counter()
     for step in bar:
-        batch = _global_batch(images, labels, step, cfg.batch_size, cfg.seed)
+        batch = global_batch(images, labels, step, cfg.batch_size, cfg.seed)
         shard = {k: v.chunk(world)[rank] for k, v in batch.items()}
         logs: dict[str, float] = {}
         for phase in objective.phases:
@@ -184,7 +184,7 @@ def _guard(accelerator, terms: dict[str, Tensor], step: int, phase: str, last_ck
         raise TrainingStopped(f"step {step}: loss term '{name}' of phase '{phase}' is {value}; stopped. {where}")
 
 
-def _global_batch(images: Tensor, labels: Tensor, step: int, batch_size: int, seed: int) -> dict[str, Tensor]:
+def global_batch(images: Tensor, labels: Tensor, step: int, batch_size: int, seed: int) -> dict[str, Tensor]:
     """The images of global step ``step``: epochs are permutations fixed by ``(seed, epoch)``; every sample also gets
     a seed for the objective's random numbers, fixed by ``(seed, step, position)``."""
     n = len(images)

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from fastdiff.pipelines import make_scheduler
+
 __all__ = ["SAMPLER_ENTRIES", "bench_samplers", "render_samplers", "plot_samplers"]
 
-# (label, scheduler name in fastdiff.sampling.SCHEDULERS, config overrides, extra model calls beyond one per step)
+# (label, scheduler name in fastdiff.pipelines.sampling.SCHEDULERS, config overrides, extra model calls beyond one per step)
 SAMPLER_ENTRIES: list[tuple[str, str, dict, int]] = [
     ("GHVB 3.8 (order 4, beta 0.8)", "ghvb", {"solver_order": 4, "momentum": 0.8}, 0),
     ("GHVB 1.8 (order 2, beta 0.8)", "ghvb", {"solver_order": 2, "momentum": 0.8}, 0),
@@ -44,16 +46,8 @@ MIN_STEPS = {"f-pndm": 4}
 REFERENCE = ("DPM-Solver++(2M)", "dpmpp-2m", 50)  # the converged samples each guidance scale is compared with
 
 
-def _build(name: str, overrides: dict, config: dict) -> Any:
-    """Scheduler ``name`` from the teacher's config, with ``overrides`` (e.g. GHVB's order and momentum)."""
-    from fastdiff.sampling import make_scheduler
-
-    scheduler = make_scheduler(name, config)
-    return type(scheduler).from_config(scheduler.config, **overrides) if overrides else scheduler
-
-
 def _source(name: str) -> str:
-    from fastdiff.sampling import FASTDIFF_SCHEDULERS
+    from fastdiff.pipelines.sampling import FASTDIFF_SCHEDULERS
 
     return "fastdiff" if name in FASTDIFF_SCHEDULERS else "diffusers"
 
@@ -67,13 +61,14 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     """The whole sampler benchmark (see the module docstring); returns the JSON record."""
     from tqdm.auto import tqdm
 
-    from fastdiff.bench import bench_samplers_oracle, machine
-    from fastdiff.evaluation import load_source, source_features
-    from fastdiff.extractors import load_extractor
-    from fastdiff.metrics import FeatureSet, extract_features, fid
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.quickstart import teacher_path
-    from fastdiff.sampling import sample_pipeline
+    from fastdiff.bench.common import machine
+    from fastdiff.bench.oracle import bench_samplers_oracle
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.eval.metrics import FeatureSet, extract_features, fid
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.eval.assets import teacher_path
+    from fastdiff.pipelines.sampling import sample_pipeline
 
     n = num_samples or (8 if quick else 250)
     guidances, nfes = ((1.0, 6.0), (6, 15)) if quick else ((1.0, 3.0, 6.0, 10.0), (4, 6, 8, 10, 15, 20))
@@ -89,14 +84,14 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     bar = tqdm(total=(len(runs) + 1) * len(guidances), desc="samplers", disable=not progress)
     rows, references = [], {}
     for g in guidances:
-        pipe.scheduler = _build(REFERENCE[1], {}, base)
+        pipe.scheduler = make_scheduler(REFERENCE[1], base)
         ref = sample_pipeline(pipe, n, REFERENCE[2], g, seed=0)
         ref_features = features(ref.images)
         references[str(g)] = {"sampler": REFERENCE[0], "nfe": ref.nfe, "fid_test": fid(ref_features, test),
                               "out_of_range": _divergence(ref.images, ref.images)[0]}  # fmt: skip
         bar.update()
         for (label, name, overrides, extra), nfe in runs:
-            pipe.scheduler = _build(name, overrides, base)
+            pipe.scheduler = make_scheduler(name, base, **overrides)
             start = time.perf_counter()
             s = sample_pipeline(pipe, n, nfe - extra, g, seed=0)
             seconds = time.perf_counter() - start
@@ -140,7 +135,7 @@ def scheduler_overhead(pipe: Any, config: dict, quick: bool = False, batch: int 
         if name in seen:
             continue
         seen.add(name)
-        scheduler = _build(name, overrides, config)
+        scheduler = make_scheduler(name, config, **overrides)
         times = []
         for _ in range(repeats):
             scheduler.set_timesteps(steps)
@@ -206,7 +201,8 @@ def targets(data: dict) -> dict:
 
 
 def render_samplers(data: dict) -> list[str]:
-    from fastdiff.bench import _fmt, _render_samplers_oracle
+    from fastdiff.bench.common import fmt as _fmt
+    from fastdiff.bench.oracle import render_samplers_oracle as _render_samplers_oracle
 
     n, ref = data["num_samples"], data["reference"]
     lines = [
@@ -252,7 +248,7 @@ def render_samplers(data: dict) -> list[str]:
 
 
 def _render_targets(data: dict) -> list[str]:
-    from fastdiff.bench import _fmt
+    from fastdiff.bench.common import fmt as _fmt
 
     t = targets(data)
     hi = t["high_guidance"]

@@ -162,14 +162,14 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
     router", step_counts=(20,), router_granularities=("block", "attn-mlp")`` compares the router's units)."""
     from tqdm.auto import tqdm
 
-    from fastdiff.bench import machine
+    from fastdiff.bench.common import machine
     from fastdiff.cache import cached_model
-    from fastdiff.evaluation import load_source, source_features
-    from fastdiff.extractors import load_extractor
-    from fastdiff.metrics import FeatureSet, extract_features, fid
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.quickstart import teacher_path
-    from fastdiff.sampling import make_scheduler, sample_pipeline
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.eval.metrics import FeatureSet, extract_features, fid
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.eval.assets import teacher_path
+    from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
     n = 8 if quick else 250
     step_counts = tuple(step_counts or ((6,) if quick else (20, 50)))
@@ -255,7 +255,7 @@ def targets(data: dict) -> dict:
 
 
 def render_cache(data: dict) -> list[str]:
-    from fastdiff.bench import _fmt
+    from fastdiff.bench.common import fmt as _fmt
 
     unet = data.get("teacher") == "digits"
     model = ("the shipped digits UNet teacher (DeepCache-style: down_blocks.1, mid_block and up_blocks.0 reused, the outer "

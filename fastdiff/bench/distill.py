@@ -3,7 +3,7 @@
 On digits, in one run: each consistency recipe (iCT, iLCT, CD) is trained as written in ``recipes/``, its EMA
 student is scored with the domain FID of 1- and 2-step samples (several seeds), next to the teacher at 50 NFE and
 the best fastdiff ODE sampler on the teacher at the same NFE, with the wall-clock minutes each took on this
-machine. The trainer's overhead: steps/s of :func:`fastdiff.trainer.train` against a plain PyTorch loop doing the
+machine. The trainer's overhead: steps/s of :func:`fastdiff.training.trainer.train` against a plain PyTorch loop doing the
 same computation (same objective, batches, optimiser, clipping, EMA), measured alternately in the same process.
 """
 
@@ -33,22 +33,22 @@ TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), 
 
 
 def _fid_seeds(sample, extractor, reference, seeds) -> dict:
-    from fastdiff.bench import _mean_std
-    from fastdiff.quickstart import fid_of_samples
+    from fastdiff.bench.common import mean_std as _mean_std
+    from fastdiff.eval.metrics import fid_of_samples
 
     return _mean_std([fid_of_samples(sample(seed), extractor, reference) for seed in seeds])
 
 
 def bench_distill(quick: bool = False, progress: bool = True) -> dict:
-    from fastdiff.bench import ROOT, machine
-    from fastdiff.bench_samplers import _build
-    from fastdiff.config import load_config
-    from fastdiff.distill import DistillRecipe, run_distill, sample_student
-    from fastdiff.evaluation import load_source, source_features
-    from fastdiff.extractors import load_extractor
-    from fastdiff.pipelines import load_pipeline
-    from fastdiff.quickstart import teacher_path
-    from fastdiff.sampling import sample_pipeline
+    from fastdiff.bench.common import ROOT, machine
+    from fastdiff.pipelines import make_scheduler
+    from fastdiff.training.config import load_config
+    from fastdiff.training.distill import DistillRecipe, run_distill, sample_student
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.eval.assets import teacher_path
+    from fastdiff.pipelines.sampling import sample_pipeline
 
     seeds = (0,) if quick else (0, 1, 2)
     n = 60 if quick else 360
@@ -58,7 +58,7 @@ def bench_distill(quick: bool = False, progress: bool = True) -> dict:
     base = dict(teacher.scheduler.config)
 
     def teacher_fid(name, overrides, steps):
-        teacher.scheduler = _build(name, overrides, base)
+        teacher.scheduler = make_scheduler(name, base, **overrides)
         return _fid_seeds(lambda s: sample_pipeline(teacher, n, steps, 1.0, s).images, extractor, reference, seeds)
 
     result = {"machine": machine(), "quick": quick, "num_samples": n, "seeds": list(seeds), "teacher_50nfe": teacher_fid("ddim", {}, 50)}
@@ -87,11 +87,11 @@ def bench_distill(quick: bool = False, progress: bool = True) -> dict:
 def trainer_overhead(steps: int = 40, repeats: int = 3) -> dict:
     """Seconds per step of the fastdiff trainer and of a plain loop over the same iCT objective on digits (median of
     ``repeats`` alternating runs, the second half of each run timed)."""
-    from fastdiff.bench import ROOT
-    from fastdiff.config import load_config
-    from fastdiff.data import load_digits
-    from fastdiff.distill import DistillRecipe, build_objective
-    from fastdiff.trainer import _global_batch, train
+    from fastdiff.bench.common import ROOT
+    from fastdiff.training.config import load_config
+    from fastdiff.datasets import load_digits
+    from fastdiff.training.distill import DistillRecipe, build_objective
+    from fastdiff.training.trainer import global_batch, train
 
     recipe = load_config(DistillRecipe, ROOT / DISTILL_RECIPES["iCT"][0], ["trainer.tracker=none", "trainer.checkpoint_every=100000",
                                                                      f"trainer.log_every={steps // 2}", f"trainer.steps={steps}"])  # fmt: skip
@@ -104,7 +104,7 @@ def trainer_overhead(steps: int = 40, repeats: int = 3) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             _, record = train(copy.deepcopy(objective), data.data, data.labels, cfg, tmp, {}, progress=False)
         fastdiff_s.append(cfg.batch_size / record["history"][-1]["images_per_s"])
-        plain_s.append(_plain_loop(copy.deepcopy(objective), data, cfg, steps, _global_batch))
+        plain_s.append(_plain_loop(copy.deepcopy(objective), data, cfg, steps, global_batch))
     f, p = statistics.median(fastdiff_s), statistics.median(plain_s)
     return {"objective": "iCT (recipes/ict_digits.yaml)", "batch_size": cfg.batch_size, "fastdiff_s_per_step": f, "plain_s_per_step": p,
             "overhead": f / p - 1, "all_fastdiff": fastdiff_s, "all_plain": plain_s}  # fmt: skip
@@ -134,7 +134,7 @@ def _plain_loop(objective, data, cfg, steps, global_batch) -> float:
 
 
 def render_distill(data: dict) -> list[str]:
-    from fastdiff.bench import _fmt
+    from fastdiff.bench.common import fmt as _fmt
 
     def ms(d):
         return f"{_fmt(d['mean'])} ± {_fmt(d['std'])}"
@@ -160,6 +160,6 @@ def render_distill(data: dict) -> list[str]:
                      f"{_fmt(best['2'][1]['mean'])} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip
     o = data["trainer_overhead"]
     lines += ["", f"Trainer overhead ({o['objective']}, batch {o['batch_size']}): {o['fastdiff_s_per_step'] * 1000:.0f} ms per step in "
-              f"`fastdiff.trainer.train` vs {o['plain_s_per_step'] * 1000:.0f} ms in a plain PyTorch loop doing the same computation: "
+              f"`fastdiff.training.trainer.train` vs {o['plain_s_per_step'] * 1000:.0f} ms in a plain PyTorch loop doing the same computation: "
               f"**{o['overhead']:+.1%}** (target <= 5%)."]  # fmt: skip
     return lines

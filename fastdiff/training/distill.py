@@ -1,4 +1,4 @@
-"""Consistency recipes: iCT / iLCT from data and CD (LCM-style) from a teacher, run by :func:`fastdiff.trainer.train`.
+"""Consistency recipes: iCT / iLCT from data and CD (LCM-style) from a teacher, run by :func:`fastdiff.training.trainer.train`.
 
 A :class:`DistillRecipe` (YAML in ``recipes/``) names the objective, data, student network, trainer settings and the
 evaluation; :func:`run_distill` builds them, trains (``--resume latest`` continues), evaluates the EMA student with
@@ -20,10 +20,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fastdiff.config import to_dict
+from fastdiff.training.config import to_dict
 from fastdiff.errors import InputError
-from fastdiff.teacher import DataConfig, ModelConfig, build_model
-from fastdiff.trainer import TrainerConfig, train
+from fastdiff.training.teacher import DataConfig, ModelConfig, build_model
+from fastdiff.training.trainer import TrainerConfig, train
 
 __all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "EvalConfig", "run_distill", "build_objective"]
 
@@ -84,8 +84,8 @@ class DistillRecipe:
 
 def _load_teacher(path: str):
     """The teacher folder: ``path`` as given, or relative to the fastdiff checkout (``assets/teachers/...``)."""
-    from fastdiff.extractors import ASSETS
-    from fastdiff.pipelines import ClassConditionalPipeline, load_pipeline
+    from fastdiff.eval.assets import ASSETS
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, load_pipeline
 
     if not Path(path).exists() and (ASSETS.parent / path).exists():
         path = str(ASSETS.parent / path)
@@ -97,7 +97,7 @@ def _load_teacher(path: str):
 
 def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
     """The objective of ``recipe`` (its networks built or loaded), and the scheduler config the student ships with."""
-    from fastdiff.objectives.consistency import ConsistencyDistillation, ConsistencyTraining, non_scaling_layernorm
+    from fastdiff.objectives import ConsistencyDistillation, ConsistencyTraining, non_scaling_layernorm
     from fastdiff.schedules import VPSchedule
 
     if not recipe.conditional and (recipe.objective == "cd" or recipe.p_uncond > 0 or recipe.model.kind != "unet"):
@@ -153,7 +153,7 @@ def student_pipeline(net: nn.Module, scheduler: Any):
     embedding), else fastdiff's ``ClassConditionalPipeline``."""
     from diffusers import ConsistencyModelPipeline
 
-    from fastdiff.pipelines import ClassConditionalPipeline
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 
     key = "unet" if "UNet" in type(net).__name__ else "transformer"
     if key == "unet" and net.config.get("num_class_embeds") is None:
@@ -170,7 +170,7 @@ def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int
     for CD."""
     from fastdiff.denoisers import consistency_precond
     from fastdiff.samplers import sample_consistency
-    from fastdiff.sampling import sample_pipeline
+    from fastdiff.pipelines.sampling import sample_pipeline
 
     pipe = student_pipeline(net, scheduler)
     if recipe.objective == "cd":
@@ -193,9 +193,9 @@ def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int
 
 
 def _evaluator(recipe: DistillRecipe, scheduler: Any):
-    from fastdiff.evaluation import load_source, source_features
-    from fastdiff.extractors import load_extractor
-    from fastdiff.quickstart import fid_of_samples
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.eval.metrics import fid_of_samples
 
     name = recipe.data.name
     if name not in ("digits", "fashion-mnist"):
@@ -220,7 +220,7 @@ def _evaluator(recipe: DistillRecipe, scheduler: Any):
 
 def run_distill(recipe: DistillRecipe, resume: str | None = None, progress: bool = True) -> Path:
     """Train ``recipe`` and save the EMA student to ``output_dir/student``; returns that folder."""
-    from fastdiff.data import load_dataset
+    from fastdiff.datasets import load_dataset
 
     out = Path(recipe.output_dir)
     student_dir = out / "student"
@@ -248,7 +248,7 @@ def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out
     """The pipeline folder (safetensors + training.json), written to ``student.tmp`` and renamed."""
     import shutil
 
-    from fastdiff.pipelines import save_teacher
+    from fastdiff.pipelines.class_conditional import save_teacher
 
     tmp, student_dir = out / "student.tmp", out / "student"
     shutil.rmtree(tmp, ignore_errors=True)

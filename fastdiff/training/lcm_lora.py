@@ -1,5 +1,5 @@
 """LCM and LCM-LoRA: consistency distillation of a Stable Diffusion UNet (Luo et al. 2023), on the trainer and
-:class:`~fastdiff.objectives.consistency.ConsistencyDistillation`: into a LoRA adapter (``sd.lora_rank``), or into a
+:class:`~fastdiff.objectives.ConsistencyDistillation`: into a LoRA adapter (``sd.lora_rank``), or into a
 full student with LCM's guidance-scale embedding (``sd.lora_rank: null``), saved as a ``unet`` folder that
 ``LatentConsistencyModelPipeline`` takes (``unet=UNet2DConditionModel.from_pretrained(folder)``).
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.errors import InputError
-from fastdiff.trainer import TrainerConfig, train
+from fastdiff.training.trainer import TrainerConfig, train
 
 __all__ = ["LCMLoRARecipe", "SDConfig", "load_captioned_folder", "lcm_objective", "run_lcm_lora", "save_lora"]
 
@@ -110,9 +110,9 @@ def save_lora(unet, folder: str | Path) -> Path:
 
 
 def lcm_objective(sd: SDConfig, unet, scheduler_config: dict, conditioner):
-    """The :class:`~fastdiff.objectives.consistency.ConsistencyDistillation` of ``sd`` for a Stable Diffusion
+    """The :class:`~fastdiff.objectives.ConsistencyDistillation` of ``sd`` for a Stable Diffusion
     ``unet`` (LoRA on it, or a full student with a guidance embedding) and its scheduler's config."""
-    from fastdiff.objectives.consistency import ConsistencyDistillation
+    from fastdiff.objectives import ConsistencyDistillation
     from fastdiff.schedules import VPSchedule
 
     return ConsistencyDistillation(
@@ -127,8 +127,8 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
     """Distil ``recipe.sd.pretrained`` into a LoRA adapter saved in ``output_dir/lora``."""
     from diffusers import StableDiffusionPipeline
 
-    from fastdiff.config import to_dict
-    from fastdiff.objectives.consistency import TextConditioner
+    from fastdiff.training.config import to_dict
+    from fastdiff.objectives import TextConditioner
 
     out = Path(recipe.output_dir)
     for name in ("lora", "unet"):

@@ -2,7 +2,7 @@
 
 A recipe (:class:`TeacherRecipe`, YAML in ``recipes/teacher_*.yaml``) names the data, the diffusers model
 (``UNet2DModel`` or ``DiTTransformer2DModel``), the discrete VP schedule and the optimisation; :func:`train_teacher`
-runs it on ``accelerate`` and saves a :class:`~fastdiff.pipelines.ClassConditionalPipeline` folder (EMA weights,
+runs it on ``accelerate`` and saves a :class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline` folder (EMA weights,
 safetensors) plus ``training.json`` recording how it was made. Labels are dropped to the null class with probability
 ``p_uncond`` so the teacher supports classifier-free guidance (Ho & Salimans 2022).
 """
@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fastdiff.config import to_dict
-from fastdiff.data import LabeledData, load_dataset, make_loader
+from fastdiff.training.config import to_dict
+from fastdiff.datasets import LabeledData, load_dataset, make_loader
 from fastdiff.denoisers import call_model
 from fastdiff.errors import InputError
 from fastdiff.param import output_from_x0
@@ -152,7 +152,7 @@ def train_teacher(recipe: TeacherRecipe, progress: bool = True) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from fastdiff.pipelines import ClassConditionalPipeline, save_teacher
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, save_teacher
 
     out_dir, cfg = Path(recipe.output_dir), recipe.train
     if out_dir.exists():

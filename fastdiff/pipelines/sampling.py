@@ -60,10 +60,12 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
 FASTDIFF_SCHEDULERS = ("ghvb", "ghvb-1.8", "hb-plms", "hb-dpmpp-2m", "ipndm", "plms", "s-pndm", "f-pndm")
 
 
-def make_scheduler(name: str, config: dict) -> Any:
-    """The scheduler ``name`` (see :data:`SCHEDULERS`) built from another scheduler's ``config``."""
+def make_scheduler(name: str, config: dict, **overrides: Any) -> Any:
+    """The scheduler ``name`` (see :data:`SCHEDULERS`) built from another scheduler's ``config``, with ``overrides``
+    of its own config (e.g. GHVB's ``solver_order`` and ``momentum``)."""
     check_choice("scheduler", name, SCHEDULERS)
-    return SCHEDULERS[name](config)
+    scheduler = SCHEDULERS[name](config)
+    return type(scheduler).from_config(scheduler.config, **overrides) if overrides else scheduler
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -89,7 +91,7 @@ def sample_pipeline(
     class_labels: Tensor | None = None,
     progress: bool = False,
 ) -> Samples:
-    """Draw ``num_samples`` images from a :class:`~fastdiff.pipelines.ClassConditionalPipeline`.
+    """Draw ``num_samples`` images from a :class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline`.
 
     Labels default to ``0, 1, ..., num_classes - 1`` repeated (balanced classes). Returns the raw samples (before
     clipping, so divergence can be measured) and the NFE per image.

@@ -1,6 +1,6 @@
 """FID, KID and precision/recall on feature sets, with torchmetrics underneath.
 
-Images become features once (:class:`~fastdiff.extractors.Extractor`); a :class:`FeatureSet` keeps the features (for
+Images become features once (:class:`~fastdiff.eval.extractors.Extractor`); a :class:`FeatureSet` keeps the features (for
 KID and precision/recall) and their moments (for FID). FID is torchmetrics' formula on the two sets' means and
 unbiased covariances, KID is torchmetrics' unbiased polynomial-kernel MMD over random subsets (mean and std), and
 precision/recall is the k-nearest-neighbour manifold estimate of Kynkäänniemi et al. (2019), which torchmetrics lacks.
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastdiff.errors import InputError
 
-__all__ = ["FeatureSet", "fid", "kid", "precision_recall", "extract_features"]
+__all__ = ["FeatureSet", "fid", "kid", "precision_recall", "extract_features", "fid_of_samples"]
 
 
 @dataclass
@@ -132,3 +132,8 @@ def extract_features(extractor, images: Tensor, batch_size: int = 256, progress:
 
     chunks = range(0, len(images), batch_size)
     return torch.cat([extractor(images[i : i + batch_size]) for i in tqdm(chunks, desc=desc, disable=not progress, leave=False)])
+
+
+def fid_of_samples(images, extractor, reference) -> float:
+    """FID of raw samples against ``reference`` features, scored as their saved uint8 pixels (the extractor quantises)."""
+    return fid(FeatureSet.from_features(extract_features(extractor, images)), reference)
