@@ -91,7 +91,8 @@ def trainer_overhead(steps: int = 40, repeats: int = 3) -> dict:
     from fastdiff.training.config import load_config
     from fastdiff.datasets import load_digits
     from fastdiff.training.distill import DistillRecipe, build_objective
-    from fastdiff.training.trainer import global_batch, train
+    from fastdiff.training.data import global_batch
+    from fastdiff.training.trainer import train
 
     recipe = load_config(DistillRecipe, ROOT / DISTILL_RECIPES["iCT"][0], ["trainer.tracker=none", "trainer.checkpoint_every=100000",
                                                                      f"trainer.log_every={steps // 2}", f"trainer.steps={steps}"])  # fmt: skip

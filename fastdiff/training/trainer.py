@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.training.checkpoints import MANIFEST, find_checkpoint, latest_good, save_checkpoint
+from fastdiff.training.data import BatchSource, TensorSource
 from fastdiff.training.ema import EMA, decay_from_half_life
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import Objective
@@ -68,10 +69,14 @@ class TrainingStopped(RuntimeError):
 Evaluate = Callable[[torch.nn.Module, int], tuple[dict[str, float], Tensor | None]]
 
 
-def train(objective: Objective, images: Tensor, labels: Tensor, cfg: TrainerConfig, output_dir: str | Path,
+def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | None, cfg: TrainerConfig, output_dir: str | Path,
           fingerprint: dict, evaluate: Evaluate | None = None, resume: str | None = None, progress: bool = True,
           accelerator: Any = None) -> tuple[torch.nn.Module, dict]:  # fmt: skip
-    """Run ``objective`` for ``cfg.steps`` steps on ``(images, labels)``; returns the EMA network and a record.
+    """Run ``objective`` for ``cfg.steps`` steps on ``data``; returns the EMA network and a record.
+
+    ``data``: a batch source (:mod:`fastdiff.training.data`), or images with their ``labels`` (a
+    :class:`~fastdiff.training.data.TensorSource` of ``cfg.batch_size`` and ``cfg.seed``; ``labels`` is None for a
+    source).
 
     ``fingerprint`` (the recipe) is stored in every checkpoint; resuming from another recipe's folder is refused.
     ``resume``: ``"latest"`` or a checkpoint folder.
@@ -112,13 +117,13 @@ def train(objective: Objective, images: Tensor, labels: Tensor, cfg: TrainerConf
         out.mkdir(parents=True, exist_ok=True)
     if accelerator.log_with:
         accelerator.init_trackers(out.name, config=_flat(fingerprint))
-    images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+    source = _source(data, labels, cfg, accelerator.device)
     history: list[dict] = []
     last_ckpt = latest_good(ckpt_dir, fingerprint)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accelerator.is_main_process)
     tick = time.perf_counter()
     for step in bar:
-        batch = global_batch(images, labels, step, cfg.batch_size, cfg.seed)
+        batch = source.batch(step)
         shard = {k: v.chunk(world)[rank] for k, v in batch.items()}
         logs: dict[str, float] = {}
         for phase in objective.phases:
@@ -184,18 +189,14 @@ def _guard(accelerator, terms: dict[str, Tensor], step: int, phase: str, last_ck
         raise TrainingStopped(f"step {step}: loss term '{name}' of phase '{phase}' is {value}; stopped. {where}")
 
 
-def global_batch(images: Tensor, labels: Tensor, step: int, batch_size: int, seed: int) -> dict[str, Tensor]:
-    """The images of global step ``step``: epochs are permutations fixed by ``(seed, epoch)``; every sample also gets
-    a seed for the objective's random numbers, fixed by ``(seed, step, position)``."""
-    n = len(images)
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise InputError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images)")
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    idx = perm[pos * batch_size : (pos + 1) * batch_size].to(images.device)
-    seeds = (seed * 1_000_003 + step) * batch_size + torch.arange(batch_size, device=images.device)
-    return {"x": images[idx], "labels": labels[idx], "seeds": seeds}
+def _source(data: Tensor | BatchSource, labels: Tensor | None, cfg: TrainerConfig, device: torch.device) -> BatchSource:
+    if isinstance(data, Tensor):
+        if labels is None:
+            raise InputError("train(): images given without labels; pass labels, or a batch source from fastdiff.training.data")
+        return TensorSource(data, labels, cfg.batch_size, cfg.seed).to(device)
+    if labels is not None:
+        raise InputError("train(): labels are given with a batch source; the source carries its own labels")
+    return data.to(device) if hasattr(data, "to") else data
 
 
 def _optimizer(objective: Objective, phase: str, o: OptimConfig) -> torch.optim.Optimizer:
