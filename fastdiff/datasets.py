@@ -30,6 +30,7 @@ __all__ = [
     "load_image_folder",
     "toy_2d",
     "read_idx",
+    "resize_center_crop",
     "make_loader",
     "load_dataset",
     "DATASETS",
@@ -196,7 +197,7 @@ def load_image_folder(
         try:
             with Image.open(path) as img:
                 img = img.convert("L" if channels == 1 else "RGB")
-                img = _resize_center_crop(img, size) if size else img
+                img = resize_center_crop(img, size) if size else img
                 array = np.asarray(img, dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"cannot read image {path}: {err}") from None
@@ -219,7 +220,8 @@ def load_image_folder(
     ).shuffled(seed)
 
 
-def _resize_center_crop(img, size: int):
+def resize_center_crop(img, size: int):
+    """A PIL image resized (bicubic) so its shorter side is ``size``, then its centre ``size x size`` crop."""
     from PIL import Image
 
     scale = size / min(img.size)

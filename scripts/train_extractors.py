@@ -1,6 +1,6 @@
-"""Train the domain feature extractors shipped in assets/extractors/ (CNN classifiers; features = penultimate layer).
+"""Train the domain feature extractors shipped in fastdiff/assets/extractors/ (CNN classifiers; features = penultimate layer).
 
-    python scripts/train_extractors.py                 # both, into assets/extractors/{digits,fashion-mnist}
+    python scripts/train_extractors.py                 # both, into fastdiff/assets/extractors/{digits,fashion-mnist}
     python scripts/train_extractors.py --only digits --out /tmp/extractors
 
 Records the test accuracy, the command and the wall time in each folder's config.json.

@@ -1,6 +1,7 @@
 """The benchmark report is rendered from JSON (BENCHMARKS.md and the README's marked section), never by hand."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,71 @@ def test_distill_report_names_each_rows_recipe_switches(tmp_path):
     assert "| iLCT | `recipes/ilct_digits.yaml` `--set consistency.ot=true` | 10 x 8 |" in report
     assert "| iLCT without OT | `recipes/ilct_digits.yaml` `--set consistency.ot=false` | 10 x 8 |" in report
     assert "| 2.0x |" in report  # 1-step FID / teacher
+
+
+def _fake_benchmark(monkeypatch):
+    """Register a benchmark ``fake`` whose section links a plot the way the real renderers do."""
+    import fastdiff.bench as bench
+
+    def render(data):
+        return ["## Fake", "", "![plot](benchmarks/fake.png)"]
+
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", bench.Benchmark(lambda quick, progress: {"machine": machine(), "quick": quick}, render))
+    monkeypatch.setitem(bench.COMMANDS, "fake", "fastdiff bench fake")
+
+
+def _package_files() -> set[str]:
+    import fastdiff
+
+    root = Path(fastdiff.__file__).resolve().parent
+    return {str(p) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_run_bench_writes_where_told_and_never_into_the_package(tmp_path, monkeypatch):
+    """Defaults are relative to the current directory (benchmarks/, BENCHMARKS.md, README.md's marked section);
+    explicit paths are honoured, with plot links pointing at the JSON folder as seen from each document."""
+    from fastdiff.bench import run_bench
+
+    _fake_benchmark(monkeypatch)
+    before = _package_files()
+    monkeypatch.chdir(tmp_path)
+    Path("README.md").write_text(f"intro\n{README_START}\nstale\n{README_END}\n")
+    assert run_bench("fake", quick=False, progress=False) == Path("benchmarks/fake.json")
+    assert "![plot](benchmarks/fake.png)" in Path("BENCHMARKS.md").read_text() and "\n## Fake" not in Path("README.md").read_text()
+    assert "### Fake" in Path("README.md").read_text() and "stale" not in Path("README.md").read_text()
+    path = run_bench("fake", quick=False, progress=False, out_dir=tmp_path / "data" / "json", report=tmp_path / "docs" / "B.md", readme=None)
+    assert path == tmp_path / "data" / "json" / "fake.json" and path.is_file()
+    assert "![plot](../data/json/fake.png)" in (tmp_path / "docs" / "B.md").read_text()
+    assert "JSON files in `../data/json/`" in (tmp_path / "docs" / "B.md").read_text()
+    assert run_bench("fake", quick=True, progress=False, out_dir=tmp_path / "q", report=tmp_path / "q.md").name == "fake-quick.json"
+    assert not (tmp_path / "q.md").exists()  # quick runs write JSON only
+    assert _package_files() == before
+
+
+def test_bench_report_command_takes_paths(tmp_path, monkeypatch, recwarn):
+    """`fastdiff bench report --out --report --readme` reads and writes only there; a README without the markers is
+    left alone with a warning."""
+    from fastdiff.cli import main
+
+    _fake_benchmark(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "fake.json").write_text(json.dumps({"machine": machine(), "quick": False}))
+    (tmp_path / "R.md").write_text("no markers\n")
+    assert main(["bench", "report", "--out", "in", "--report", "out/B.md", "--readme", "R.md"]) == 0
+    assert "## Fake" in (tmp_path / "out" / "B.md").read_text() and (tmp_path / "R.md").read_text() == "no markers\n"
+    assert any("has no <!-- benchmarks:start -->" in str(w.message) for w in recwarn)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["R.md", "in", "out"]
+
+
+def test_distill_recipes_come_from_the_given_folder(tmp_path):
+    """The distill benchmark trains the repository's recipes read from --recipes (default ./recipes); a folder
+    without them is a one-line error that says what to pass."""
+    from fastdiff.bench.common import recipe_file
+    from fastdiff.bench.distill import trainer_overhead
+    from fastdiff.errors import InputError
+
+    repo = Path(__file__).resolve().parent.parent
+    assert recipe_file("recipes/ict_digits.yaml", repo / "recipes") == repo / "recipes" / "ict_digits.yaml"
+    with pytest.raises(InputError, match="pass --recipes DIR"):
+        trainer_overhead(steps=2, repeats=1, recipes=tmp_path)

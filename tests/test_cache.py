@@ -288,11 +288,53 @@ def test_iepo_loss_and_router_training_smoke():
     assert (scores[1:, 1:] < torch.sigmoid(torch.tensor(cfg.init))).all()  # a strong L1 weight lowers every routed score
     assert len(record["error"]) == 3 and all(e > 0 for e in record["error"]) and len(record["lambda"]) == 2
     assert record["lambda"][1] != record["lambda"][0]  # recomputed from the router as training moved it
-    assert getattr(pipe.transformer, "_fastdiff_cache", None) is None and not any(p.requires_grad for p in pipe.transformer.parameters())
+    assert getattr(pipe.transformer, "_fastdiff_cache", None) is None and all(p.requires_grad for p in pipe.transformer.parameters())
     start = train_router(pipe, RouterConfig(steps=7, iterations=1, batch_size=1, lambda_batch=1, lr=1e-6, init_every=3), progress=False)[0]
     assert start.plan().mask[:, 2].tolist() == [True, False, False, True, False, False, True]  # the every-3 plan it starts from
     with pytest.raises(InputError, match="steps must be >= 2"):
         RouterConfig(steps=1)
+
+
+def _global_noise_call(pipe, steps, batch, seed):
+    """A generation whose labels and noise come from the global RNG (as a diffusers pipeline called without a
+    generator)."""
+    labels = torch.randint(0, pipe.num_classes, (batch,))
+    return pipe(labels, steps, 1.0, None, output_type="latent").images
+
+
+def test_train_router_leaves_the_model_and_the_global_rng_as_they_were():
+    """Each parameter's requires_grad and the caller's global RNG state are as before training -- also when the
+    generation fails -- and the router is still a function of cfg.seed (the global RNG is seeded inside)."""
+    from fastdiff.cache import RouterConfig, train_router
+    from fastdiff.cache.router import image_error_proxy
+
+    pipe = _dit_pipe()
+    model = pipe.transformer
+    model.pos_embed.requires_grad_(False)  # a user's partly frozen model
+    flags = [p.requires_grad for p in model.parameters()]
+    cfg = RouterConfig(steps=3, iterations=2, batch_size=2, lambda_batch=2, lambda_every=1, lr=0.5, granularity="block")
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = train_router(pipe, cfg, call=_global_noise_call, progress=False)[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    torch.randn(3)  # the caller's RNG moves on; the router does not depend on it
+    again = train_router(pipe, cfg, call=_global_noise_call, progress=False)[0]
+    assert torch.equal(first.scores(), again.scores()) and (first.scores()[1:] != 0.5).any()  # trained, and reproducibly
+
+    def failing(pipe, steps, batch, seed):
+        raise RuntimeError("out of memory")
+
+    state = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_router(pipe, cfg, call=failing, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags and torch.equal(torch.get_rng_state(), state)
+    assert getattr(model, "_fastdiff_cache", None) is None and "forward" not in model.__dict__
+    apply_cache(model, NeverReuse())  # the user's own cache is refused, not silently removed
+    with pytest.raises(InputError, match="already has a cache"):
+        image_error_proxy(pipe, first, cfg)
+    assert isinstance(model._fastdiff_cache.policy, NeverReuse)
+    remove_cache(model)
 
 
 def test_image_error_proxy_matches_a_hand_computation():

@@ -1,5 +1,7 @@
 """LCM-LoRA on a tiny Stable Diffusion pipeline built here: only the adapter trains, the teacher is the UNet with the
-adapter off, and the saved LoRA loads back into a stock StableDiffusionPipeline with LCMScheduler."""
+adapter off, and the saved LoRA loads back into a stock StableDiffusionPipeline with LCMScheduler; captioned images
+are encoded per batch (the pipeline's own prompt embeddings; latents independent of how the batch is split), from a
+map-style folder or streamed."""
 
 import json
 from pathlib import Path
@@ -11,7 +13,7 @@ from PIL import Image
 
 from fastdiff.training.config import from_dict, load_config
 from fastdiff.errors import InputError
-from fastdiff.training.lcm_lora import LCMLoRARecipe, lcm_objective, run_lcm_lora
+from fastdiff.training.lcm_lora import CaptionedFolder, CaptionRows, LCMLoRARecipe, captioned_source, lcm_objective, run_lcm_lora
 
 
 def _captioned(folder):
@@ -31,7 +33,8 @@ def test_lcm_lora_trains_adapter_only_and_loads_into_stock_pipeline(tmp_path):
     base.save_pretrained(tmp_path / "sd")
     recipe = from_dict(LCMLoRARecipe, {
         "output_dir": str(tmp_path / "run"),
-        "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": 4},
+        "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": 4,
+               "num_workers": 1},
         "trainer": {"steps": 3, "batch_size": 2, "tracker": "none", "ema_decay": 0.0, "optim": {"kind": "adamw", "lr": 1e-2}},
     })  # fmt: skip
     lora = run_lcm_lora(recipe, progress=False)
@@ -53,14 +56,14 @@ def test_lcm_lora_bad_input(tmp_path):
     recipe = from_dict(LCMLoRARecipe, {"output_dir": str(tmp_path / "run"), "sd": {"pretrained": str(tmp_path)}})
     with pytest.raises(InputError, match="not a local diffusers pipeline folder"):
         run_lcm_lora(recipe)
-    from fastdiff.training.lcm_lora import load_captioned_folder
-
     (tmp_path / "d").mkdir()
     with pytest.raises(InputError, match="needs a metadata.jsonl"):
-        load_captioned_folder(tmp_path / "d", 8)
+        CaptionedFolder(tmp_path / "d", 8, None)
     (tmp_path / "d" / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
     with pytest.raises(InputError, match="missing.png does not exist"):
-        load_captioned_folder(tmp_path / "d", 8)
+        CaptionedFolder(tmp_path / "d", 8, None)
+    with pytest.raises(InputError, match="no column 'caption'.*set sd.image_column / sd.caption_column"):
+        CaptionRows(None, 8, caption_column="caption")({"image": None, "text": "x"})
 
 
 def test_full_lcm_student_with_guidance_embedding_runs_in_lcm_pipeline(tmp_path):
@@ -76,7 +79,7 @@ def test_full_lcm_student_with_guidance_embedding_runs_in_lcm_pipeline(tmp_path)
     recipe = from_dict(LCMLoRARecipe, {
         "output_dir": str(tmp_path / "run"),
         "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": None,
-               "guidance_embedding_dim": 32},
+               "guidance_embedding_dim": 32, "num_workers": 0},
         "trainer": {"steps": 2, "batch_size": 2, "tracker": "none", "optim": {"kind": "adamw", "lr": 1e-3}},
     })  # fmt: skip
     unet = UNet2DConditionModel.from_pretrained(run_lcm_lora(recipe, progress=False))
@@ -112,3 +115,40 @@ def test_sd_recipe_loss_is_diffusers_elementwise_pseudo_huber():
     c = 0.001
     by_hand = (((student.double() - target.double()) ** 2 + c * c).sqrt() - c).mean()
     torch.testing.assert_close(out.terms["distillation"].double(), by_hand, rtol=1e-5, atol=0)
+
+
+def test_batches_are_encoded_on_the_fly(tmp_path):
+    """Map-style folder and streamed folder give the same batches: latents one posterior draw per sample (the same
+    whatever the split over processes), prompt embeddings exactly the pipeline's encode_prompt."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("torchdata")
+    pipe = tiny_sd_pipeline(tmp_path)
+    data = _captioned(tmp_path / "data")
+    recipe = from_dict(LCMLoRARecipe, {"sd": {"data_root": str(data), "resolution": 8, "num_workers": 0}})
+    whole = next(captioned_source(recipe.sd, pipe, 4).batches(0))
+    halves = [next(captioned_source(recipe.sd, pipe, 4).batches(0, rank, 2)) for rank in range(2)]
+    torch.testing.assert_close(whole["x"], torch.cat([h["x"] for h in halves]), rtol=1e-5, atol=1e-6)
+    assert whole["x"].shape == (4, 4, 8, 8) and whole["labels"].shape == (4, 77, 16)
+    recipe.sd.streaming = True
+    streamed = next(captioned_source(recipe.sd, pipe, 4).batches(0))  # the folder in file order
+    texts = ["a photo" if i % 2 else "photo" for i in range(4)]
+    with torch.no_grad():
+        torch.testing.assert_close(streamed["labels"], pipe.encode_prompt(texts, "cpu", 1, False)[0])
+        dist = pipe.vae.encode(torch.stack([CaptionedFolder(data, 8, pipe.tokenizer)[i]["x"] for i in range(4)])).latent_dist
+    noise = (streamed["x"] / pipe.vae.config.scaling_factor - dist.mean) / dist.std
+    assert noise.std() > 0.5 and not torch.allclose(noise[0], noise[1])  # a draw per sample, not the mean
+
+
+def test_lcm_lora_streams_captioned_images(tmp_path):
+    pytest.importorskip("datasets")
+    pytest.importorskip("torchdata")
+    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
+    recipe = from_dict(LCMLoRARecipe, {
+        "output_dir": str(tmp_path / "run"),
+        "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": 4,
+               "streaming": True, "num_workers": 1},
+        "trainer": {"steps": 3, "batch_size": 2, "checkpoint_every": 2, "tracker": "none", "ema_decay": 0.0, "optim": {"kind": "adamw", "lr": 1e-2}},
+    })  # fmt: skip
+    lora = run_lcm_lora(recipe, progress=False)
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "data_state_0.pt").is_file()  # where the stream stands

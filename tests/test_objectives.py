@@ -23,6 +23,7 @@ from fastdiff.objectives import (
     ot_pairing,
 )
 from fastdiff.objectives.losses import cauchy, distance, ict_huber_c, mse, pseudo_huber, pseudo_huber_elementwise
+from fastdiff.training.ema import ema_update_
 
 SIGMA_DATA, SIGMA_MIN = 0.5, 0.002
 
@@ -128,7 +129,9 @@ def test_consistency_distillation_terms_gradients_boundary_target():
     with torch.no_grad():
         next(obj.net.parameters()).add_(1.0)
     before = next(obj.target.parameters()).clone()
-    obj.after_step("student")
+    (declared,) = obj.ema_targets("student")  # the trainer moves it with its one EMA implementation
+    assert declared.target is obj.target and declared.source is obj.net and declared.decay == 0.95
+    ema_update_(declared.target, declared.source, declared.decay)
     torch.testing.assert_close(next(obj.target.parameters()) - before, 0.05 * (next(obj.net.parameters()) - before))
     with pytest.raises(InputError, match="must divide"):
         ConsistencyDistillation(teacher, schedule, "v_prediction", 3, num_ddim_timesteps=7)
@@ -339,3 +342,44 @@ def test_lcm_lora_objective_trains_only_the_adapter():
     fresh.load_state_dict(reference)
     torch.testing.assert_close(off, fresh(x, t, emb).sample)
     assert not torch.allclose(unet(x, t, emb).sample, off)  # adapter on again afterwards
+
+
+def test_v_target_denoising_loss_is_zero_for_an_oracle_model():
+    """With the exact v-target as model output the loss vanishes: the target and the noising agree."""
+    from fastdiff.objectives import denoising_loss
+    from fastdiff.schedules import VPSchedule
+
+    schedule = VPSchedule.from_config({"beta_schedule": "linear"})
+    x0, noise, t = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.tensor([0, 10, 500, 999])
+
+    class Oracle(torch.nn.Module):  # knows x0; returns v = alpha eps - beta x0 from x_t = alpha x0 + beta eps
+        def forward(self, x, t, class_labels=None):
+            abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    assert denoising_loss(Oracle(), schedule, x0, t, noise, {}, "v_prediction") < 1e-8
+    assert denoising_loss(Oracle(), schedule, x0, t, noise, {}, "epsilon") > 1e-2  # another target: the loss sees it
+
+
+def test_denoising_objective_draws_from_the_seeds_and_drops_labels():
+    """Teachers on the trainer: the loss of a batch is the mean of its halves' (timesteps, noise and label dropout
+    come from each sample's seed, not the global RNG), dropped labels become the null class, only the net trains."""
+    from diffusers import DDPMScheduler
+
+    from fastdiff.objectives import DenoisingObjective
+    from fastdiff.schedules import VPSchedule
+
+    net = tiny_unet(num_class_embeds=4)
+    obj = DenoisingObjective(net, VPSchedule.from_config(DDPMScheduler().config), "v_prediction", 3, p_uncond=0.5)
+    batch = _batch(8)
+    full = obj(batch, "denoiser", 0)
+    assert set(full.terms) == {"denoising"} and obj.phases == ("denoiser",)
+    halves = [obj({k: v[i : i + 4] for k, v in batch.items()}, "denoiser", 0).total for i in (0, 4)]
+    torch.testing.assert_close(full.total, (halves[0] + halves[1]) / 2, rtol=1e-5, atol=0)
+    seen = []
+    net.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
+    obj(batch, "denoiser", 0).total.backward()
+    assert 3 in seen[0].tolist() and (seen[0] != 3).any()  # some dropped to the null class, some kept
+    assert all(p.grad is not None for p in net.parameters()) and list(obj.parameters_for("denoiser")) == list(net.parameters())
+

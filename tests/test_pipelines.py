@@ -1,6 +1,8 @@
 """fastdiff's class-conditional pipeline: offline save/load, scheduler swaps, seeds independent of batch size."""
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -131,3 +133,23 @@ def test_bad_input(folder, tmp_path):
         make_scheduler("magic", pipe.scheduler.config)
     with pytest.raises(InputError, match="exactly one of"):
         ClassConditionalPipeline(scheduler=pipe.scheduler)
+
+
+def test_unknown_pipeline_class_is_a_one_line_error(folder, tmp_path, capsys):
+    """A model_index.json naming a class neither fastdiff nor the installed diffusers has: an InputError naming the
+    file, the key, the value and the fix -- exit 2 with one line from the command line, not a traceback."""
+    from fastdiff.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "NoSuchPipeline"}))
+    expected = r"model_index\.json: `_class_name` is 'NoSuchPipeline', which is neither .* set `_class_name` to"
+    with pytest.raises(InputError, match=expected):
+        load_pipeline(bad)
+    code = main(["sample", "--pipeline", str(bad), "--out", str(tmp_path / "out"), "--num-samples", "1", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and str(bad / "model_index.json") in err and "NoSuchPipeline" in err, err
+    (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": 3}))
+    with pytest.raises(InputError, match="`_class_name` is 3"):
+        load_pipeline(bad)

@@ -116,3 +116,30 @@ def test_extractor_scores_saved_pixels():
     assert not torch.equal(saved, x.clamp(-1, 1))  # the quantisation is a real change of the input
     assert torch.equal(ext(x), ext(saved))
     assert torch.equal(ext(x), ext.module.features(saved))
+
+
+def test_package_data_ships_every_asset():
+    """pyproject's package-data globs cover every shipped file, so `pip install .` (not editable) carries them all."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fastdiff"]
+    shipped = {p for g in globs for p in (root / "fastdiff").glob(g) if p.is_file()}
+    files = {p for p in ASSETS.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert ASSETS == root / "fastdiff" / "assets" and len(files) >= 17
+    assert files == shipped, f"not shipped: {sorted(map(str, files - shipped))}"
+
+
+def test_sample_grid_previews_at_most_100(tmp_path, monkeypatch):
+    """`fastdiff sample --num-samples 120` keeps every image in samples.npz and shows the first 100 in a 10 x 10
+    grid.png (not a 2000-image poster); a shipped teacher is found by name from any directory."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", "--pipeline", "digits", "--steps", "1", "--num-samples", "120", "--out", "s", "--no-progress"]
+    assert main(args) == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (120, 8, 8, 1)
+    assert Image.open(tmp_path / "s" / "grid.png").size == ((10 * 9 + 1) * 4,) * 2  # 10 x 10 tiles of 8 px + 1 px gaps, x4
+    assert main([*args, "--overwrite", "--preview", "6", "--nrow", "3", "--scale", "1"]) == 0
+    assert Image.open(tmp_path / "s" / "grid.png").size == (3 * 9 + 1, 2 * 9 + 1)

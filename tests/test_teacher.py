@@ -1,4 +1,5 @@
-"""Teacher recipes: a few training steps of each shipped recipe's model family on a tiny model, and the v-target."""
+"""Teacher recipes: a few training steps of each shipped recipe's model family on a tiny model (on the trainer: the
+recipe's settings reach it, checkpoints are written), continuing from a teacher, and the recipe keys' mapping."""
 
 import json
 import math
@@ -10,21 +11,24 @@ from accelerate.utils import set_seed
 from fastdiff.training.config import load_config
 from fastdiff.errors import InputError
 from fastdiff.pipelines.class_conditional import load_pipeline
-from fastdiff.training.teacher import TeacherRecipe, build_model, train_teacher
+from fastdiff.training.teacher import TeacherRecipe, build_model, train_teacher, trainer_config
 
 TINY = {
-    "teacher_digits.yaml": ["model.block_out_channels=[8, 16]"],
-    "teacher_fashion_mnist.yaml": ["model.num_layers=1", "model.attention_head_dim=8", "model.num_attention_heads=2"],
+    "teacher_digits.yaml": ["model.block_out_channels=[8, 16]", "train.tracker=none"],
+    "teacher_fashion_mnist.yaml": ["model.num_layers=1", "model.attention_head_dim=8", "model.num_attention_heads=2", "train.tracker=none"],
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(TINY))
 def test_recipe_smoke(recipe, tmp_path):
-    overrides = [*TINY[recipe], "train.steps=3", "train.batch_size=8", f"output_dir={tmp_path / 'out'}"]
+    overrides = [*TINY[recipe], "train.steps=3", "train.batch_size=8", "train.checkpoint_every=2", f"output_dir={tmp_path / 'out'}"]
     cfg = load_config(TeacherRecipe, f"recipes/{recipe}", overrides)
     out = train_teacher(cfg, progress=False)
+    assert out == tmp_path / "out" / "teacher"
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002" / "ema.safetensors").is_file()  # the trainer's checkpoints
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and math.isfinite(record["final_loss_mean_last_200"])
+    assert record["history"][-1]["step"] == 3 and "loss/denoiser/denoising" in record["history"][-1]
     pipe = load_pipeline(out)
     images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="latent").images
     assert torch.isfinite(images).all()
@@ -39,21 +43,12 @@ def test_recipe_smoke(recipe, tmp_path):
         train_teacher(cfg, progress=False)  # never overwrites a finished teacher
 
 
-def test_v_target_loss_is_zero_for_an_oracle_model():
-    """With the exact v-target as model output the loss vanishes: the target and the noising agree."""
-    from fastdiff.schedules import VPSchedule
-    from fastdiff.training.teacher import denoising_loss
-
-    schedule = VPSchedule.from_config({"beta_schedule": "linear"})
-    x0 = torch.randn(4, 1, 4, 4)
-
-    class Oracle(torch.nn.Module):  # knows x0; returns v = alpha eps - beta x0 from x_t = alpha x0 + beta eps
-        def forward(self, x, t, class_labels=None):
-            abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-            return abar.sqrt() * eps - (1 - abar).sqrt() * x0
-
-    assert denoising_loss(Oracle(), schedule, x0, torch.zeros(4, dtype=torch.long), "v_prediction") < 1e-8
+def test_recipe_train_section_maps_onto_the_trainer():
+    """The teacher recipe's keys keep their meaning on the trainer: AdamW, warm-up, EMA decay, clip, steps, batch."""
+    cfg = load_config(TeacherRecipe, "recipes/teacher_digits.yaml", ["train.weight_decay=0.01", "train.grad_clip=0.5"]).train
+    t = trainer_config(cfg)
+    assert (t.steps, t.batch_size, t.ema_decay, t.grad_clip, t.seed) == (2000, 128, 0.999, 0.5, 0)
+    assert (t.optim.kind, t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay) == ("adamw", 0.001, 200, 0.01)
 
 
 def test_continue_from_a_teacher(tmp_path):

@@ -36,20 +36,35 @@ def _recipe(tmp_path: Path, name: str = "r.yaml", **trainer) -> Path:
     return path
 
 
+def _teacher_recipe(tmp_path: Path, steps: int, checkpoint_every: int) -> Path:
+    """A tiny teacher recipe (objective: denoising) on the digits, trained by the same trainer."""
+    recipe = {
+        "objective": "denoising", "output_dir": str(tmp_path / "run"), "data": {"name": "digits"},
+        "model": {"kind": "unet", "block_out_channels": [8, 16], "attention": False},
+        "train": {"steps": steps, "batch_size": 16, "checkpoint_every": checkpoint_every, "log_every": 1, "tracker": "none",
+                  "warmup_steps": 5, "ema_decay": 0.9},
+    }  # fmt: skip
+    path = tmp_path / "teacher.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def _cli(*args, env=None, **kw):
     return subprocess.Popen([sys.executable, "-m", "fastdiff.cli", "train", *map(str, args), "--no-progress"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
 
 
-def _weights(folder: Path) -> dict:
+def _weights(folder: Path, kind: str = "student") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(next(folder.glob("student/unet/*.safetensors")))
+    return load_file(next(folder.glob(f"{kind}/unet/*.safetensors")))
 
 
-def test_resume_after_sigkill_is_bitwise(tmp_path):
-    recipe = _recipe(tmp_path, steps=60, checkpoint_every=10)
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_resume_after_sigkill_is_bitwise(tmp_path, kind):
+    """A consistency recipe and a teacher recipe, killed after a checkpoint and resumed, end bit-identical."""
+    recipe = _recipe(tmp_path, steps=60, checkpoint_every=10) if kind == "student" else _teacher_recipe(tmp_path, 60, 10)
     full = _cli(recipe, "--set", f"output_dir={tmp_path / 'full'}")
     assert full.wait(timeout=300) == 0, full.stdout.read()
     run = tmp_path / "killed"
@@ -60,12 +75,12 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "student").exists()
+    assert not (run / kind).exists()
     resumed = _cli(recipe, "--set", f"output_dir={run}", "--resume", "latest")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    a, b = _weights(tmp_path / "full"), _weights(run)
+    a, b = _weights(tmp_path / "full", kind), _weights(run, kind)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -151,3 +166,48 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert records[1]["num_processes"] == 2
     for x, y in zip(records[0]["history"], records[1]["history"]):
         assert x["loss/student/consistency"] == pytest.approx(y["loss/student/consistency"], rel=1e-4)
+
+
+def test_missing_tracker_warns(monkeypatch, capsys):
+    """A tracker that is not installed is a warning (the warnings module, not print); the run logs to JSON only."""
+    import importlib.util
+
+    from fastdiff.training import trainer
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.warns(UserWarning, match="trainer.tracker=wandb but `wandb` is not installed"):
+        assert trainer._tracker("wandb") is None
+    assert capsys.readouterr().out == ""
+
+
+TWO_PHASE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+from test_contract import ToyGAN, _cfg, _data
+from fastdiff.training.trainer import train
+
+torch.manual_seed(0)
+_, record = train(ToyGAN(), *_data(), _cfg(7, log_every=1, checkpoint_every=100), sys.argv[1], {{}}, progress=False)
+if record["is_main_process"]:
+    open(sys.argv[1] + ".json", "w").write(json.dumps(record["history"]))
+"""
+
+
+def test_torchrun_two_phase_objective_matches_one_process(tmp_path):
+    """Under DDP each phase leaves the other network without gradient (find_unused_parameters): 2 gloo processes
+    run the generator / critic toy and give the losses of 1 process."""
+    script = tmp_path / "two_phase.py"
+    script.write_text(TWO_PHASE_SCRIPT.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", str(script), str(tmp_path / "two")]
+    two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("one", "two"))
+    assert [set(x) for x in a] == [set(y) for y in b] and "loss/generator/generator" in a[5]
+    for x, y in zip(a, b):
+        for key in (k for k in x if k.startswith("loss")):
+            assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)

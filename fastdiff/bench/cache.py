@@ -46,12 +46,12 @@ def _with_context(apply_fn: Callable, config_fn: Callable) -> Callable:
     model call -- what pipelines with ``cache_context`` do and fastdiff's class-conditional pipeline does not."""
 
     def apply(pipe, steps):
-        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+        from fastdiff._compat import set_cache_context
 
         apply_fn(pipe.transformer, config_fn(steps))
 
         def open_context(module, args, kwargs):
-            _set_cache_context(module, CacheContext("cond", timestep=float(torch.as_tensor(kwargs["timestep"]).flatten()[0])))
+            set_cache_context(module, "cond", timestep=float(torch.as_tensor(kwargs["timestep"]).flatten()[0]))
 
         pipe.transformer.register_forward_pre_hook(open_context, with_kwargs=True)
 
@@ -219,8 +219,18 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
             bar.update()
         baselines[str(steps)]["seconds_min"] = min(baselines[str(steps)]["seconds"])
     bar.close()
-    return {"machine": machine(), "quick": quick, "teacher": teacher, "num_samples": n, "steps": list(step_counts),
-            "repeats": repeats, "uncached": baselines, "rows": rows}  # fmt: skip
+    result = {"machine": machine(), "quick": quick, "teacher": teacher, "num_samples": n, "steps": list(step_counts),
+              "repeats": repeats, "uncached": baselines, "rows": rows}  # fmt: skip
+    if teacher == "fashion-mnist" and only is None and step_counts == (20, 50):  # the full benchmark
+        result["router_units"] = router_units(progress=progress)
+    return result
+
+
+def router_units(steps: int = 20, progress: bool = True) -> dict:
+    """The learned-router rows at ``steps`` steps with both kinds of units side by side in one run: whole blocks
+    (residual reuse) and HarmoniCa's attention / feed-forward reused before their adaLN gates (issue 11, item 14)."""
+    data = bench_cache(progress=progress, only="learned router", step_counts=(steps,), router_granularities=("block", "attn-mlp"))
+    return {"steps": steps, "machine": data["machine"], "uncached": data["uncached"][str(steps)], "rows": data["rows"]}
 
 
 def _stats(model) -> dict:
@@ -282,6 +292,7 @@ def render_cache(data: dict) -> list[str]:
             lines.append(f"| {r['source']} | {r['method']} | {r['knob']} | {r['speedup']:.2f}x | {_fmt(r['fid_test'])} | "
                          f"{_fmt(r['fid_uncached'])} | {_fmt(r['rmse_to_uncached'])} | {reuse} | {saved} | {setup} |")  # fmt: skip
         lines.append("")
+    lines += _render_router_units(data.get("router_units"))
     lines += ["**Targets** (computed from this run): fastest setting within +5% of the uncached test FID --"]
     fmt = lambda b: f"{b['method']} at {b['speedup']:.2f}x (FID {_fmt(b['fid_test'])})" if b else "none"  # noqa: E731
     for steps, t in targets(data).items():
@@ -295,13 +306,27 @@ def render_cache(data: dict) -> list[str]:
     return lines
 
 
+def _render_router_units(units: dict | None) -> list[str]:
+    """The router's units side by side: per block vs attention / feed-forward (one run, same seeds)."""
+    from fastdiff.bench.common import fmt
+
+    if not units:
+        return []
+    lines = [f"**Router units** ({units['steps']} steps, one run, each router trained in it): whole blocks vs HarmoniCa's "
+             f"attention and feed-forward reused before their adaLN gates; uncached test FID {fmt(units['uncached']['fid_test'])}.", "",
+             "| router | knob | speed-up | test FID | FID vs uncached | reuse | MACs saved | setup |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in units["rows"]:
+        lines.append(f"| {r['method']} | {r['knob']} | {r['speedup']:.2f}x | {fmt(r['fid_test'])} | {fmt(r['fid_uncached'])} | "
+                     f"{r['reuse_rate']:.0%} | {r['macs_saved']:.0%} | {r.get('setup_seconds', 0):.0f} s |")  # fmt: skip
+    return lines + [""]
+
+
 def plot_cache(data: dict, path: Path) -> Path:
-    import matplotlib
+    """Test FID against wall-clock speed-up, one panel per step count, with the uncached FID + 5% as a dotted line."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(data["steps"]), figsize=(6 * len(data["steps"]), 4.5), dpi=110, squeeze=False)
+    fig = Figure(figsize=(6 * len(data["steps"]), 4.5), dpi=110)
+    axes = fig.subplots(1, len(data["steps"]), squeeze=False)
     for ax, steps in zip(axes[0], data["steps"]):
         for method in dict.fromkeys((r["source"], r["method"]) for r in data["rows"]):
             pts = sorted((r["speedup"], r["fid_test"]) for r in data["rows"] if r["steps"] == steps and (r["source"], r["method"]) == method)
@@ -312,5 +337,4 @@ def plot_cache(data: dict, path: Path) -> Path:
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -39,8 +39,9 @@ def _fid_seeds(sample, extractor, reference, seeds) -> dict:
     return _mean_std([fid_of_samples(sample(seed), extractor, reference) for seed in seeds])
 
 
-def bench_distill(quick: bool = False, progress: bool = True) -> dict:
-    from fastdiff.bench.common import ROOT, machine
+def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes") -> dict:
+    """Train each recipe of :data:`DISTILL_RECIPES` (read from the folder ``recipes``) and score it; the JSON record."""
+    from fastdiff.bench.common import machine, recipe_file
     from fastdiff.pipelines import make_scheduler
     from fastdiff.training.config import load_config
     from fastdiff.training.distill import DistillRecipe, run_distill, sample_student
@@ -69,7 +70,7 @@ def bench_distill(quick: bool = False, progress: bool = True) -> dict:
         overrides = [*switches, f"output_dir={runs / str(i)}", "trainer.tracker=none", "trainer.eval_every=0", f"eval.num_samples={n}"]
         if quick:
             overrides += ["trainer.steps=6", "trainer.batch_size=32", "trainer.checkpoint_every=1000"]
-        recipe = load_config(DistillRecipe, ROOT / path, overrides)
+        recipe = load_config(DistillRecipe, recipe_file(path, recipes), overrides)
         start = time.perf_counter()
         student = run_distill(recipe, progress=progress)
         minutes = (time.perf_counter() - start) / 60
@@ -80,22 +81,22 @@ def bench_distill(quick: bool = False, progress: bool = True) -> dict:
                      "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids})  # fmt: skip
     shutil.rmtree(runs, ignore_errors=True)
     result["rows"] = rows
-    result["trainer_overhead"] = trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3)
+    result["trainer_overhead"] = trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes)
     return result
 
 
-def trainer_overhead(steps: int = 40, repeats: int = 3) -> dict:
+def trainer_overhead(steps: int = 40, repeats: int = 3, recipes: str | Path = "recipes") -> dict:
     """Seconds per step of the fastdiff trainer and of a plain loop over the same iCT objective on digits (median of
     ``repeats`` alternating runs, the second half of each run timed)."""
-    from fastdiff.bench.common import ROOT
+    from fastdiff.bench.common import recipe_file
     from fastdiff.training.config import load_config
     from fastdiff.datasets import load_digits
     from fastdiff.training.distill import DistillRecipe, build_objective
     from fastdiff.training.data import global_batch
     from fastdiff.training.trainer import train
 
-    recipe = load_config(DistillRecipe, ROOT / DISTILL_RECIPES["iCT"][0], ["trainer.tracker=none", "trainer.checkpoint_every=100000",
-                                                                     f"trainer.log_every={steps // 2}", f"trainer.steps={steps}"])  # fmt: skip
+    overrides = ["trainer.tracker=none", "trainer.checkpoint_every=100000", f"trainer.log_every={steps // 2}", f"trainer.steps={steps}"]
+    recipe = load_config(DistillRecipe, recipe_file(DISTILL_RECIPES["iCT"][0], recipes), overrides)
     cfg = recipe.trainer
     data = load_digits("train")
     torch.manual_seed(0)

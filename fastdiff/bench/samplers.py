@@ -274,15 +274,14 @@ def _render_targets(data: dict) -> list[str]:
 
 def plot_samplers(data: dict, path: Path) -> Path:
     """Test FID (top) and FID to the converged samples (bottom) against NFE, one column per guidance scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it is
 
     gs = data["guidance"]
     names = list(dict.fromkeys(r["sampler"] for r in data["rows"]))
-    colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}  # one colour per sampler
-    fig, axes = plt.subplots(2, len(gs), figsize=(4 * len(gs), 7), dpi=110, squeeze=False)
+    colors = {name: colormaps["tab20"](i % 20) for i, name in enumerate(names)}  # one colour per sampler
+    fig = Figure(figsize=(4 * len(gs), 7), dpi=110)
+    axes = fig.subplots(2, len(gs), squeeze=False)
     for j, g in enumerate(gs):
         for sampler, row in _cells(data, g).items():
             pts = sorted((r["nfe"], r["fid_test"], r["fid_converged"]) for r in row.values())
@@ -298,5 +297,4 @@ def plot_samplers(data: dict, path: Path) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -25,13 +25,14 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 from torch import Tensor, nn
 
+from fastdiff._compat import ContextReceiver, hook_registry, remove_hook_registry, transformer_block_io
 from fastdiff.cache.policies import CachePolicy, StepContext
 from fastdiff.errors import InputError
 
@@ -100,24 +101,13 @@ def _sample(args: tuple, kwargs: dict) -> Tensor | None:
     return x if isinstance(x, Tensor) else None
 
 
-class _ContextName(StateManager):
-    """Receives the pipeline's ``cache_context``: diffusers sets the context of every ``StateManager`` of a stateful
-    hook when the pipeline opens one (a ``CacheContext``, or its name in diffusers < 0.42) and clears it after."""
-
-    def __init__(self, state: _State):
-        super().__init__(BaseState)
-        self.state = state
-
-    def set_context(self, context: Any) -> None:
-        self.state.context = getattr(context, "name", context)
-
-
 class _StepHook(ModelHook):
     _is_stateful = True  # diffusers then hands it the pipeline's cache_context and resets it after each pipeline call
 
     def __init__(self, state: _State):
         super().__init__()
-        self.state, self.context = state, _ContextName(state)
+        self.state = state
+        self.context = ContextReceiver(partial(setattr, state, "context"))  # the name of the pipeline's cache_context
 
     def pre_forward(self, module, *args, **kwargs):
         if not self.state.bypass:
@@ -272,17 +262,13 @@ class _UnitHook(ModelHook):
 
 def _block_metadata(block: nn.Module) -> tuple[tuple[str, ...], dict[int, int]]:
     """Which inputs a transformer block's outputs continue (diffusers' block registry where it knows the class)."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockRegistry
-
-        meta = TransformerBlockRegistry.get(type(block))
-    except (ImportError, ValueError):
+    io = transformer_block_io(type(block))
+    if io is None:
         return ("hidden_states",), {0: 0}
-    names = (meta.hidden_states_argument_name, "encoder_hidden_states")
-    index = {meta.return_hidden_states_index: 0}
-    if meta.return_encoder_hidden_states_index is not None:
-        index[meta.return_encoder_hidden_states_index] = 1
-    return names, index
+    index = {io.hidden_states_index: 0}
+    if io.encoder_hidden_states_index is not None:
+        index[io.encoder_hidden_states_index] = 1
+    return (io.hidden_states_argument, "encoder_hidden_states"), index
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -426,7 +412,7 @@ def remove_cache(model: nn.Module) -> nn.Module:
     for handle in state.counters:
         handle.remove()
     for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
+        registry = hook_registry(module)
         if registry is None:
             continue
         for name in (UNIT_HOOK, STEP_HOOK):
@@ -434,8 +420,7 @@ def remove_cache(model: nn.Module) -> nn.Module:
         bound = module.__dict__.get("forward")
         if getattr(bound, "__func__", None) is type(module).forward:
             del module.forward  # back to the class's forward, as before the hooks
-        if not registry.hooks:
-            del module._diffusers_hook
+        remove_hook_registry(module)  # if no other hooks are left on it
     model._fastdiff_cache = None
     return model
 

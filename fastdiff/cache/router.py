@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -253,15 +254,19 @@ def image_error_proxy(pipe, router: Router, cfg: RouterConfig, call: Callable | 
     change of the final images each call adds. Normalised to mean 1 over calls 1, 2, ... (call 0 always computes)."""
     call = _call(call, cfg)
     model = cached_model(pipe)
+    if getattr(model, "_fastdiff_cache", None) is not None:
+        raise InputError("the pipeline's model already has a cache; remove_cache(model) before computing the image-error proxy")
     lam = torch.zeros(len(router.rows))
-    with torch.no_grad():
-        remove_cache(model)
-        apply_cache(model, RouterGate(router, cfg.threshold, until=1), forecast=cfg.forecast, granularity=_granularity(router))
-        prev = call(pipe, cfg.steps, cfg.lambda_batch, seed).float()
-        for t in range(1, len(router.rows)):
-            model._fastdiff_cache.policy.until = t + 1
-            images = call(pipe, cfg.steps, cfg.lambda_batch, seed).float()
-            lam[t], prev = (images - prev).pow(2).mean(), images
+    gate = RouterGate(router, cfg.threshold, until=1)
+    apply_cache(model, gate, forecast=cfg.forecast, granularity=_granularity(router))
+    try:
+        with torch.no_grad():
+            prev = call(pipe, cfg.steps, cfg.lambda_batch, seed).float()
+            for t in range(1, len(router.rows)):
+                gate.until = t + 1
+                images = call(pipe, cfg.steps, cfg.lambda_batch, seed).float()
+                lam[t], prev = (images - prev).pow(2).mean(), images
+    finally:
         remove_cache(model)
     return lam / lam[1:].mean().clamp_min(1e-12)
 
@@ -272,14 +277,15 @@ def train_router(pipe, cfg: RouterConfig, call: Callable | None = None, progress
     batch, seed)`` runs one generation (default: fastdiff's class-conditional pipeline at ``cfg.guidance_scale``); any
     diffusers pipeline works with a matching ``call``. ``combine(model_output)``: what the sampler makes of a model
     output, where the loss is taken (default: the class-conditional pipeline's guidance, see :func:`guided`; the
-    output itself with a custom ``call``). Returns the router and a training record."""
-    from tqdm.auto import tqdm
+    output itself with a custom ``call``). Returns the router and a training record.
 
+    The model comes back as it was given: its parameters' ``requires_grad`` flags are restored (also when training
+    fails), and the global random number generators, seeded with ``cfg.seed`` during training (for a ``call`` that
+    draws from them), are back in the caller's state."""
     combine, call = _combine(call, combine, cfg), _call(call, cfg)
     model = cached_model(pipe)
     if getattr(model, "_fastdiff_cache", None) is not None:
         raise InputError("the pipeline's model already has a cache; remove_cache(model) before training a router")
-    torch.manual_seed(cfg.seed)
     units = [n for n, _, _ in cache_units(model, granularity=cfg.granularity)]
     router = Router(units, _timesteps(pipe, cfg.steps), model_id(model), cfg.init,
                     meta={**asdict(cfg), "scheduler": type(pipe.scheduler).__name__})  # fmt: skip
@@ -287,7 +293,31 @@ def train_router(pipe, cfg: RouterConfig, call: Callable | None = None, progress
         with torch.no_grad():
             for step, row in enumerate(router.rows):
                 row.fill_(3.0 if step % cfg.init_every == 0 else -3.0)
+    with _frozen(model), torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        record = _sdt(pipe, model, router, cfg, call, combine, progress)
+    if not all(math.isfinite(v) for v in record["error"]):
+        raise InputError("router training diverged (non-finite error); lower lr or check the model")
+    return router, record
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with no parameter requiring gradients inside; every parameter's own ``requires_grad`` back after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _sdt(pipe, model: nn.Module, router: Router, cfg: RouterConfig, call: Callable, combine: Callable, progress: bool) -> dict:
+    """``cfg.iterations`` SDT rollouts of ``call`` training ``router`` in place (IEPO weights refreshed every
+    ``cfg.lambda_every``); the training record."""
+    from tqdm.auto import tqdm
+
     record: dict[str, list] = {"error": [], "l1": [], "lambda": [], "computed": []}
     lam = torch.ones(len(router.rows))
     bar = tqdm(range(cfg.iterations), desc="router (SDT)", disable=not progress)
@@ -295,18 +325,25 @@ def train_router(pipe, cfg: RouterConfig, call: Callable | None = None, progress
         if it % cfg.lambda_every == 0:
             lam = image_error_proxy(pipe, router, cfg, call)
             record["lambda"].append(lam.tolist())
-        terms: list[dict] = []
-        apply_cache(model, RouterGate(router, cfg.threshold), forecast=cfg.forecast, granularity=cfg.granularity)
-        HookRegistry.check_if_exists_or_initialize(model).register_hook(_SDTHook(router, cfg, lam, combine, terms.append), SDT_HOOK)
-        try:
-            call(pipe, cfg.steps, cfg.batch_size, cfg.seed * 100_000 + it)
-        finally:
-            model._diffusers_hook.remove_hook(SDT_HOOK, recurse=False)
-            remove_cache(model)
+        terms = _rollout(pipe, model, router, cfg, call, combine, lam, seed=cfg.seed * 100_000 + it)
         for k in ("error", "l1"):  # mean over the routed model calls
             record[k].append(sum(t[k] for t in terms) / max(len(terms), 1))
         record["computed"].append(float(router.plan(cfg.threshold).mask[1:].float().mean()))
         bar.set_postfix(error=f"{record['error'][-1]:.3g}", computed=f"{record['computed'][-1]:.0%}")
-    if not all(math.isfinite(v) for v in record["error"]):
-        raise InputError("router training diverged (non-finite error); lower lr or check the model")
-    return router, record
+    bar.close()
+    return record
+
+
+def _rollout(pipe, model: nn.Module, router: Router, cfg: RouterConfig, call: Callable, combine: Callable, lam: Tensor,
+             seed: int) -> list[dict]:  # fmt: skip
+    """One generation with the router's mixed outputs and an optimiser step per model call; the loss terms."""
+    terms: list[dict] = []
+    apply_cache(model, RouterGate(router, cfg.threshold), forecast=cfg.forecast, granularity=cfg.granularity)
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(_SDTHook(router, cfg, lam, combine, terms.append), SDT_HOOK)
+    try:
+        call(pipe, cfg.steps, cfg.batch_size, seed)
+    finally:
+        registry.remove_hook(SDT_HOOK, recurse=False)
+        remove_cache(model)
+    return terms

@@ -1,4 +1,8 @@
-"""Where the shipped assets live: the teachers (diffusers pipeline folders) and the domain feature extractors."""
+"""Where the shipped assets live: the teachers (diffusers pipeline folders) and the domain feature extractors.
+
+They ship inside the package (``fastdiff/assets/``, package data), so a plain ``pip install`` finds them wherever it
+is run from. Nothing is ever written there: every command writes to paths the user gives.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ from pathlib import Path
 
 from fastdiff.errors import InputError
 
-__all__ = ["ASSETS", "TEACHERS", "teacher_path"]
+__all__ = ["ASSETS", "TEACHERS", "teacher_path", "pipeline_path"]
 
-ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TEACHERS = ("fashion-mnist", "digits")
 
 
@@ -18,5 +22,18 @@ def teacher_path(name: str) -> Path:
         raise InputError(f"unknown teacher {name!r}; expected one of {', '.join(TEACHERS)}")
     path = ASSETS / "teachers" / name
     if not (path / "model_index.json").is_file():
-        raise InputError(f"the shipped teacher {path} is missing; retrain it with `fastdiff train recipes/teacher_{name.replace('-', '_')}.yaml`")
+        raise InputError(f"the shipped teacher {path} is missing; reinstall fastdiff, or retrain it from a checkout with "
+                         f"`fastdiff train recipes/teacher_{name.replace('-', '_')}.yaml`")  # fmt: skip
+    return path
+
+
+def pipeline_path(name_or_path: str | Path) -> Path:
+    """A pipeline folder from what a user typed: a shipped teacher's name (``fashion-mnist``, ``digits``), an existing
+    folder, or a path inside the package such as ``assets/teachers/digits`` (how recipes and older commands name the
+    shipped teachers). Anything else is returned as given, for the loader to report."""
+    if str(name_or_path) in TEACHERS:
+        return teacher_path(str(name_or_path))
+    path = Path(name_or_path)
+    if not path.exists() and not path.is_absolute() and (ASSETS.parent / path).exists():
+        return ASSETS.parent / path
     return path

@@ -1,6 +1,6 @@
 """Feature extractors for FID / KID: small domain classifiers fastdiff trains and ships, and Inception-v3.
 
-The domain extractors (``assets/extractors/digits``, ``assets/extractors/fashion-mnist``) are CNN classifiers trained on
+The domain extractors (``fastdiff/assets/extractors/digits``, ``.../fashion-mnist``) are CNN classifiers trained on
 the data sets' training splits (``scripts/train_extractors.py``); the feature is the 128-d penultimate layer. They give
 honest, cheap FIDs on these domains, where ImageNet's Inception features say little about 8x8 or 28x28 grayscale
 images. ``inception`` is the standard 2048-d pool feature with torch-fidelity's weights, as every paper reports.

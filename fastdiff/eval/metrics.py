@@ -63,10 +63,10 @@ def _check_dims(a: FeatureSet, b: FeatureSet) -> None:
 
 def fid(a: FeatureSet, b: FeatureSet) -> float:
     """Fréchet distance ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` (Heusel et al. 2017, eq. 6)."""
-    from torchmetrics.image.fid import _compute_fid  # torchmetrics' own formula, shared by its FID metric
+    from fastdiff._compat import compute_fid  # torchmetrics' own formula, shared by its FID metric
 
     _check_dims(a, b)
-    return float(_compute_fid(a.mu, a.sigma, b.mu, b.sigma))
+    return compute_fid(a.mu, a.sigma, b.mu, b.sigma)
 
 
 class _Identity(nn.Module):

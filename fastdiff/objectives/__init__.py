@@ -2,9 +2,10 @@
 the contract). One module per method family; :mod:`~fastdiff.objectives.losses` and
 :mod:`~fastdiff.objectives.conditioning` are the parts they share."""
 
-from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
+from fastdiff.objectives.base import EMATarget, LossOutput, Objective, per_sample_rand, per_sample_randn
 from fastdiff.objectives.conditioning import ClassConditioner, TextConditioner
 from fastdiff.objectives.consistency_distillation import LORA_TARGETS, ConsistencyDistillation, guidance_embedding, with_guidance_embedding
+from fastdiff.objectives.denoising import DenoisingObjective, denoising_loss
 from fastdiff.objectives.consistency_training import (
     ConsistencyTraining,
     ict_num_levels,
@@ -17,7 +18,8 @@ from fastdiff.objectives.consistency_training import (
 )
 
 __all__ = [
-    "LossOutput", "Objective", "per_sample_rand", "per_sample_randn", "ConsistencyTraining", "ConsistencyDistillation",
+    "LossOutput", "EMATarget", "Objective", "per_sample_rand", "per_sample_randn", "DenoisingObjective", "denoising_loss",
+    "ConsistencyTraining", "ConsistencyDistillation",
     "ClassConditioner", "TextConditioner", "LORA_TARGETS", "guidance_embedding", "with_guidance_embedding", "ict_num_levels",
     "karras_levels", "lct_cauchy_c", "lct_diffusion_mask", "lognormal_level_probs", "non_scaling_layernorm", "ot_pairing",
 ]  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastdiff.denoisers import call_model
 from fastdiff.errors import InputError
-from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
+from fastdiff.objectives.base import EMATarget, LossOutput, Objective, per_sample_rand, per_sample_randn
 from fastdiff.objectives.conditioning import ClassConditioner, check_unconditional, condition_kwargs, dropout_mask, view
 from fastdiff.objectives.losses import distance
 from fastdiff.param import lcm_scalings, x0_from_output
@@ -158,8 +158,8 @@ class ConsistencyDistillation(Objective):
             else:
                 x0, alpha, beta = self._x0(teacher, x_t, t, cond)
         eps = (x_t - alpha * x0) / beta
-        abar_prev = torch.where(t_prev >= 0, self.schedule.alphas_cumprod.to(x_t.device)[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float64))
-        abar_prev = view(abar_prev.to(x_t.dtype), x_t)
+        abar = self.schedule.alphas_cumprod.to(x_t.device, x_t.dtype)[t_prev.clamp(min=0)]  # cast first: no float64 on MPS
+        abar_prev = view(torch.where(t_prev >= 0, abar, torch.ones_like(abar)), x_t)
         return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
 
     def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
@@ -191,10 +191,7 @@ class ConsistencyDistillation(Objective):
         loss = distance(self.loss_kind, student, target, self.huber_c).mean()
         return LossOutput({"distillation": loss}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())})
 
-    @torch.no_grad()
-    def after_step(self, phase: str) -> None:
-        """Move the target towards the student (LCM's EMA target)."""
-        if getattr(self, "target", None) is None:
-            return
-        for e, p in zip(self.target.parameters(), self.net.parameters()):
-            e.lerp_(p.detach(), 1 - self.target_ema)
+    def ema_targets(self, phase: str) -> Sequence[EMATarget]:
+        """LCM's EMA target follows the student (none for LCM-LoRA or ``target_ema=0``: the student itself)."""
+        target = getattr(self, "target", None)
+        return () if target is None else (EMATarget(target, self.net, self.target_ema),)

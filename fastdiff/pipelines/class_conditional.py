@@ -144,14 +144,28 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> Diffu
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
 
-    try:
-        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path / 'model_index.json'} is not valid JSON: {err}") from None
-    cls = ClassConditionalPipeline if class_name == "ClassConditionalPipeline" else DiffusionPipeline
+    cls = _pipeline_class(path / "model_index.json")
     try:
         pipe = cls.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as err:
         raise InputError(f"cannot load the pipeline in {path}: {err}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _pipeline_class(index: Path) -> type[DiffusionPipeline]:
+    """The class that loads the folder of ``model_index.json`` at ``index``: fastdiff's pipeline, or diffusers'
+    ``DiffusionPipeline`` for a pipeline class the installed diffusers has; an :class:`InputError` otherwise."""
+    import diffusers
+
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise InputError(f"{index} is not valid JSON with a `_class_name` key: {err}") from None
+    if class_name == "ClassConditionalPipeline":
+        return ClassConditionalPipeline
+    if not isinstance(class_name, str) or not isinstance(getattr(diffusers, class_name, None), type):
+        raise InputError(f"{index}: `_class_name` is {class_name!r}, which is neither fastdiff's ClassConditionalPipeline "
+                         f"nor a pipeline class of the installed diffusers {diffusers.__version__}; set `_class_name` to the "
+                         "pipeline class that saved the folder, or install the diffusers version that provides it")  # fmt: skip
+    return DiffusionPipeline

@@ -5,6 +5,7 @@ call, nothing is wrapped in ``no_grad`` (distillation rolls out through samplers
 ``generator``. :data:`SAMPLERS` lists the ODE samplers that run on any denoiser by name.
 """
 
+from fastdiff.samplers._common import step_dtype
 from fastdiff.samplers.consistency import sample_consistency, sample_ctm, sample_stochastic_multistep
 from fastdiff.samplers.grids import beta_sigmas, check_sigmas, exponential_sigmas, flow_sigmas, karras_sigmas, vp_sigmas
 from fastdiff.samplers.momentum import sample_ghvb, sample_hb_dpmpp_2m, sample_hb_plms, split_order
@@ -28,5 +29,5 @@ __all__ = [
     "SAMPLERS", "check_sigmas", "flow_sigmas", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "vp_sigmas", "split_order",
     "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_plms", "sample_spndm", "sample_fpndm", "sample_ipndm",
     "sample_hb_plms", "sample_ghvb", "sample_hb_dpmpp_2m", "sample_consistency", "sample_ctm",
-    "sample_stochastic_multistep",
+    "sample_stochastic_multistep", "step_dtype",
 ]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Shared pieces of the samplers: the step callback record and the exact DDIM transfer in sigma space."""
+"""Shared pieces of the samplers: the step callback record, the exact DDIM transfer in sigma space and the dtype
+of step maths on a device."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["StepInfo", "Callback", "to_d", "transfer", "denoise"]
+__all__ = ["StepInfo", "Callback", "to_d", "transfer", "denoise", "step_dtype"]
+
+
+def step_dtype(device: str | torch.device | None) -> torch.dtype:
+    """The dtype of scheduler step maths on ``device``: float64, or float32 on Apple's MPS, which has no float64 (as
+    diffusers' schedulers do)."""
+    return torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
 
 
 @dataclass(frozen=True)

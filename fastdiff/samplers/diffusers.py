@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fastdiff.errors import InputError, check_choice
 from fastdiff.param import canonical_prediction_type, x0_from_output
+from fastdiff.samplers._common import step_dtype
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
 from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
@@ -54,6 +55,13 @@ class FastdiffSchedulerOutput(BaseOutput):
 
     prev_sample: Tensor
     pred_original_sample: Tensor
+
+
+def _to_device(values: Tensor, device: str | torch.device | None) -> Tensor:
+    """``values`` on ``device``; float64 grids in the step dtype there (float32 on MPS, which has no float64)."""
+    if device is None:
+        return values
+    return values.to(device, step_dtype(device)) if values.dtype == torch.float64 else values.to(device)
 
 
 class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
@@ -112,7 +120,7 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         self.grid = check_sigmas(solver_sigmas(grid.sigmas), method=type(self).__name__)  # the solver's steps
         self.grid_timesteps = grid.timesteps  # diffusers' timesteps: the model's at grid[:-1]
         self._install(self.grid)
-        moved = (v.to(device) for v in (self.grid, self.grid_timesteps, self.sigmas, self.timesteps))
+        moved = (_to_device(v, device) for v in (self.grid, self.grid_timesteps, self.sigmas, self.timesteps))
         self.grid, self.grid_timesteps, self.sigmas, self.timesteps = moved
 
     def _set_evaluations(self, sigmas: Tensor) -> None:
@@ -162,14 +170,12 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
             raise InputError("call set_timesteps before step")
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
-        i = self._step_index
-        sigma = self.sigmas[i].to(sample.device)
-        dtype = sample.dtype
-        x_t, out = sample.to(torch.float64), model_output.to(torch.float64)
+        i, dtype, maths = self._step_index, sample.dtype, step_dtype(sample.device)
+        sigma, sigma_next = self.sigmas[i : i + 2].to(sample.device, maths)
+        x_t, out = sample.to(maths), model_output.to(maths)
         alpha = self.schedule.scale(sigma)
         denoised = x0_from_output(out, x_t, alpha, alpha * sigma, self.prediction_type)
-        x_next = self._advance(x_t / alpha, denoised, i)
-        prev = (x_next * self.schedule.scale(self.sigmas[i + 1].to(sample.device))).to(dtype)
+        prev = (self._advance(x_t / alpha, denoised, i) * self.schedule.scale(sigma_next)).to(dtype)
         self._step_index += 1
         if not return_dict:
             return prev, denoised.to(dtype)
@@ -177,15 +183,18 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """Forward noising at discrete timesteps (img2img): ``s(sigma_t) (x0 + sigma_t noise)``."""
-        sigma = self.schedule.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)).to(original_samples.device)
+        maths = step_dtype(original_samples.device)
+        t = torch.as_tensor(timesteps).to("cpu", torch.float64).reshape(-1)  # the schedule's tables live on the CPU
+        sigma = self.schedule.t_to_sigma(t).to(original_samples.device, maths)
         sigma = sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))
-        return (self.schedule.scale(sigma) * (original_samples.double() + sigma * noise.double())).to(original_samples.dtype)
+        noised = self.schedule.scale(sigma) * (original_samples.to(maths) + sigma * noise.to(maths))
+        return noised.to(original_samples.dtype)
 
     def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
         """Flow-matching forward noising (Flux/SD3 img2img): ``(1 - t) sample + t noise``."""
-        t = torch.as_tensor(timestep, dtype=torch.float64, device=sample.device).reshape(-1) / self.config.num_train_timesteps
-        t = t.reshape(-1, *([1] * (sample.ndim - 1)))
-        return ((1 - t) * sample.double() + t * noise.double()).to(sample.dtype)
+        maths = step_dtype(sample.device)
+        t = torch.as_tensor(timestep).to(sample.device, maths).reshape(-1, *([1] * (sample.ndim - 1))) / self.config.num_train_timesteps
+        return ((1 - t) * sample.to(maths) + t * noise.to(maths)).to(sample.dtype)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -259,7 +268,8 @@ class MomentumScheduler(SigmaGridScheduler):
         self._set_evaluations(grid)
 
     def _advance(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
-        x_next, self._state = self.rule(x, denoised, self.sigmas[i].to(x.device), self.sigmas[i + 1].to(x.device), self._state)
+        sigma, sigma_next = self.sigmas[i : i + 2].to(x.device, x.dtype)
+        x_next, self._state = self.rule(x, denoised, sigma, sigma_next, self._state)
         return x_next
 
 
@@ -341,9 +351,9 @@ class PseudoNumericalScheduler(SigmaGridScheduler):
     def _start(self, x: Tensor, i: int) -> Program:
         """The program, advanced to its first query (which is evaluation ``i``)."""
         if i == 0:
-            program = self._program_for(x, self.grid.to(x.device))
+            program = self._program_for(x, self.grid.to(x.device, x.dtype))
         else:
-            tail = self.sigmas[i:].to(x.device)
+            tail = self.sigmas[i:].to(x.device, x.dtype)
             if not bool((tail[1:] < tail[:-1]).all()):
                 raise InputError(f"{self.config.variant} cannot start at evaluation {i}: it is inside the warm-up; start at "
                                  f"index 0 or after the warm-up (>= {len(self.sigmas) - len(self.grid)})")  # fmt: skip

@@ -15,18 +15,21 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from fastdiff.errors import InputError
 
-__all__ = ["MANIFEST", "save_checkpoint", "find_checkpoint", "latest_good"]
+__all__ = ["MANIFEST", "save_checkpoint", "find_checkpoint", "latest_good", "load_data_state"]
 
 MANIFEST = "fastdiff_checkpoint.json"
+DATA_STATE = "data_state_{rank}.pt"  # per process: where a streaming batch source stands
 
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, keep: int, ema) -> Path:
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, keep: int, ema, data_state: dict | None = None) -> Path:
     """``save_state`` and the EMA (safetensors) into ``.tmp-step_N``, a manifest (step, recipe, file hashes), then an
     atomic rename; old checkpoints beyond ``keep`` are removed."""
     from safetensors.torch import save_file
@@ -37,6 +40,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, k
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if data_state is not None:  # each process its own (a streaming source's position)
+        torch.save(data_state, tmp / DATA_STATE.format(rank=accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
@@ -100,3 +105,9 @@ def find_checkpoint(ckpt_dir: Path, fingerprint: dict, resume: str, log: Callabl
         log(f"skipping checkpoint {folder}: {reason}")
     log(f"no intact checkpoint in {ckpt_dir}; starting from step 0")
     return None
+
+
+def load_data_state(folder: Path, rank: int) -> dict | None:
+    """The batch source state process ``rank`` saved in checkpoint ``folder`` (None when its source saved none)."""
+    path = folder / DATA_STATE.format(rank=rank)
+    return torch.load(path, weights_only=True) if path.is_file() else None

@@ -83,13 +83,11 @@ class DistillRecipe:
 
 
 def _load_teacher(path: str):
-    """The teacher folder: ``path`` as given, or relative to the fastdiff checkout (``assets/teachers/...``)."""
-    from fastdiff.eval.assets import ASSETS
+    """The teacher folder: a path, a shipped teacher's name, or ``assets/teachers/...`` (see :func:`pipeline_path`)."""
+    from fastdiff.eval.assets import pipeline_path
     from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, load_pipeline
 
-    if not Path(path).exists() and (ASSETS.parent / path).exists():
-        path = str(ASSETS.parent / path)
-    pipe = load_pipeline(path)
+    pipe = load_pipeline(pipeline_path(path))
     if not isinstance(pipe, ClassConditionalPipeline):
         raise InputError(f"distill.teacher={path} is a {type(pipe).__name__}; expected a fastdiff class-conditional teacher folder")
     return pipe

@@ -1,4 +1,10 @@
-"""Exponential moving average of a model's weights, with a decay or a half-life, checkpointable."""
+"""Exponential moving averages of a network's weights: the one implementation fastdiff uses.
+
+:func:`ema_update_` moves one network towards another in place; :class:`EMA` owns a frozen copy and is what the trainer
+keeps of every objective's exported network (and checkpoints as ``ema.safetensors``). The trainer also applies
+:func:`ema_update_` to the target networks an objective declares (:meth:`~fastdiff.objectives.base.Objective.ema_targets`,
+e.g. LCM's EMA target), and teachers train through the same trainer, so there is no other EMA update in the library.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from torch import nn
 
 from fastdiff.errors import InputError
 
-__all__ = ["EMA", "decay_from_half_life"]
+__all__ = ["EMA", "decay_from_half_life", "ema_update_"]
 
 
 def decay_from_half_life(half_life_steps: float) -> float:
@@ -19,22 +25,32 @@ def decay_from_half_life(half_life_steps: float) -> float:
     return 0.5 ** (1 / half_life_steps)
 
 
+def _check_decay(decay: float) -> None:
+    if not 0 <= decay < 1:
+        raise InputError(f"EMA decay must be in [0, 1); got {decay}")
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every parameter (a ``lerp_`` in ``ema``'s dtype); buffers are
+    copied. ``ema`` and ``model`` must have the same architecture (parameters and buffers in the same order)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
 class EMA:
-    """``ema <- decay * ema + (1 - decay) * model`` after each optimiser step; ``state_dict`` / ``load_state_dict``
-    make it part of accelerate's checkpoints (``accelerator.register_for_checkpointing``)."""
+    """A frozen copy of ``model`` moved by :func:`ema_update_` after each optimiser step; ``state_dict`` /
+    ``load_state_dict`` make it part of accelerate's checkpoints (``accelerator.register_for_checkpointing``)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        if not 0 <= decay < 1:
-            raise InputError(f"EMA decay must be in [0, 1); got {decay}")
+        _check_decay(decay)
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False)
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        ema_update_(self.model, model, self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "model": self.model.state_dict()}

@@ -3,13 +3,17 @@
 full student with LCM's guidance-scale embedding (``sd.lora_rank: null``), saved as a ``unet`` folder that
 ``LatentConsistencyModelPipeline`` takes (``unet=UNet2DConditionModel.from_pretrained(folder)``).
 
-Data is a local folder of images with captions in ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per line,
-the Hugging Face imagefolder layout). Images are encoded once by the pipeline's VAE and captions once by its text
-encoder; the UNet keeps its weights and learns only the adapter; the teacher is the same UNet with the adapter off
-and guidance ``w ~ U[guidance_scale, guidance_max]``; the target is the student under stop-gradient (no EMA copy).
-The result is a LoRA file that any Stable Diffusion pipeline loads with ``pipe.load_lora_weights(folder)`` and
-samples in 2-8 steps with diffusers' ``LCMScheduler``. The whole folder is encoded into memory up front: fine for
-thousands of images; web-scale data would need a streaming loader, which fastdiff does not have yet. Needs ``peft``
+Data: captioned images, read batch by batch and encoded on the fly on the training device (the VAE's latents, one
+posterior draw per sample from its seed, and the text encoder's prompt embeddings), so no size limit. By default
+``sd.data_root`` is a local folder with captions in ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per
+line, the Hugging Face imagefolder layout), read as a map-style dataset: a resumed run is bit-exact. With
+``sd.streaming: true`` it is streamed with Hugging Face ``datasets`` (``pip install fastdiff[data]``): that folder,
+parquet files or webdataset ``.tar`` shards (``sd.image_column`` / ``sd.caption_column`` name the columns, e.g.
+``jpg`` / ``txt``), split over processes; a resumed run continues at the next sample
+(:mod:`fastdiff.training.data`). The UNet keeps its weights and learns only the adapter; the teacher is the same
+UNet with the adapter off and guidance ``w ~ U[guidance_scale, guidance_max]``; the target is the student under
+stop-gradient (no EMA copy). The result is a LoRA file that any Stable Diffusion pipeline loads with
+``pipe.load_lora_weights(folder)`` and samples in 2-8 steps with diffusers' ``LCMScheduler``. Needs ``peft``
 (``pip install fastdiff[lora]``).
 """
 
@@ -18,22 +22,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from fastdiff.errors import InputError
+from fastdiff.objectives import per_sample_randn
+from fastdiff.objectives.conditioning import view
+from fastdiff.training.data import DatasetSource, MappedSource, StreamSource, image_tensor, load_hf
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["LCMLoRARecipe", "SDConfig", "load_captioned_folder", "lcm_objective", "run_lcm_lora", "save_lora"]
+__all__ = ["LCMLoRARecipe", "SDConfig", "CaptionedFolder", "CaptionRows", "LatentEncoder", "PromptEmbeddings", "captioned_source",
+           "lcm_objective", "run_lcm_lora", "save_lora"]
 
 
 @dataclass
 class SDConfig:
     pretrained: str = "runwayml/stable-diffusion-v1-5"  # a local diffusers Stable Diffusion folder
-    data_root: str = "data/captioned"
+    data_root: str = "data/captioned"  # a folder with metadata.jsonl captions; streaming: also parquet / .tar shards
+    streaming: bool = False  # stream data_root with Hugging Face datasets (resume: next sample) instead of map-style (bit-exact)
+    image_column: str = "image"  # streaming: the columns holding the image and the caption
+    caption_column: str = "text"
+    num_workers: int = 4  # DataLoader worker processes per training process
     resolution: int = 512
     lora_rank: int | None = 64  # None: full LCM student with a guidance embedding (time_cond_proj_dim 256)
     guidance_embedding_dim: int = 256
@@ -55,15 +67,36 @@ class LCMLoRARecipe:
     expected: str = ""
 
 
-def load_captioned_folder(root: str | Path, resolution: int) -> tuple[Tensor, list[str]]:
-    """Images (resized on the shorter side and centre-cropped to ``resolution``, RGB, [-1, 1]) and their captions."""
-    from PIL import Image
+def _tokens(tokenizer, text: str) -> Tensor:
+    """The token ids the pipeline's ``encode_prompt`` feeds its text encoder (padded to the tokenizer's maximum)."""
+    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids[0]
 
-    root = Path(root)
+
+class CaptionedFolder(Dataset):
+    """A folder of images with captions in ``metadata.jsonl``, read lazily: item ``i`` is the image (resized on the
+    shorter side and centre-cropped to ``resolution``, RGB, [-1, 1]) and its caption's token ids."""
+
+    def __init__(self, root: str | Path, resolution: int, tokenizer):
+        self.root, self.resolution, self.tokenizer = Path(root), resolution, tokenizer
+        self.rows = _read_metadata(self.root)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        from PIL import Image
+
+        path, text = self.rows[i]
+        with Image.open(path) as img:
+            return {"x": image_tensor(img, self.resolution), "labels": _tokens(self.tokenizer, text)}
+
+
+def _read_metadata(root: Path) -> list[tuple[Path, str]]:
+    """The (image path, caption) pairs ``root/metadata.jsonl`` lists, checked."""
     meta = root / "metadata.jsonl"
     if not meta.is_file():
         raise InputError(f"{root} needs a metadata.jsonl with one {{\"file_name\": ..., \"text\": ...}} per line")
-    images, captions = [], []
+    rows = []
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -74,30 +107,69 @@ def load_captioned_folder(root: str | Path, resolution: int) -> tuple[Tensor, li
             raise InputError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}; {err}") from None
         if not path.is_file():
             raise InputError(f"{meta}:{n}: {path} does not exist")
-        img = Image.open(path).convert("RGB")
-        scale = resolution / min(img.size)
-        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-        captions.append(text)
-    if not images:
+        rows.append((path, text))
+    if not rows:
         raise InputError(f"{meta} lists no images")
-    return torch.stack(images), captions
+    return rows
 
 
-@torch.no_grad()
-def _encode(pipe, images: Tensor, captions: list[str], batch: int = 16) -> tuple[Tensor, Tensor, Tensor]:
-    """VAE latents (scaled by the VAE's ``scaling_factor``), caption embeddings and the empty prompt's embedding."""
-    vae = pipe.vae
-    latents = torch.cat([vae.encode(images[i : i + batch].to(vae.device, vae.dtype)).latent_dist.sample(torch.Generator().manual_seed(i))
-                         for i in range(0, len(images), batch)]) * vae.config.scaling_factor  # fmt: skip
+@dataclass
+class CaptionRows:
+    """A streamed row (Hugging Face ``datasets``) as a sample: its image as in :class:`CaptionedFolder`, its caption's
+    token ids."""
 
-    def embed(texts):
-        return pipe.encode_prompt(texts, pipe.device, 1, False)[0]
+    tokenizer: Any
+    resolution: int
+    image_column: str = "image"
+    caption_column: str = "text"
 
-    prompts = torch.cat([embed(captions[i : i + batch]) for i in range(0, len(captions), batch)])
-    return latents.float().cpu(), prompts.float().cpu(), embed([""]).float().cpu()
+    def __call__(self, row: dict) -> dict[str, Tensor]:
+        missing = [c for c in (self.image_column, self.caption_column) if c not in row]
+        if missing:
+            raise InputError(f"the dataset's rows have no column {missing[0]!r} (columns: {', '.join(row)}); set sd.image_column / sd.caption_column")
+        return {"x": image_tensor(row[self.image_column], self.resolution), "labels": _tokens(self.tokenizer, str(row[self.caption_column]))}
+
+
+VAE_NOISE_STREAM = 11  # the per-sample random stream of the VAE posterior draw (the objectives use 0-3)
+
+
+class LatentEncoder(nn.Module):
+    """Per batch, on the training device: images to VAE latents (one posterior draw per sample, from its seed, times
+    the VAE's ``scaling_factor``) and token ids to the text encoder's prompt embeddings (the batch's labels)."""
+
+    def __init__(self, vae: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.vae, self.text_encoder = vae.requires_grad_(False).eval(), text_encoder.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        dist = self.vae.encode(batch["x"].to(self.vae.dtype)).latent_dist
+        latents = dist.mean + dist.std * per_sample_randn(dist.mean, batch["seeds"], VAE_NOISE_STREAM)
+        prompts = self.text_encoder(batch["labels"])[0]
+        return {"x": (latents * self.vae.config.scaling_factor).float(), "labels": prompts.float(), "seeds": batch["seeds"]}
+
+
+class PromptEmbeddings(nn.Module):
+    """Text conditioning from batches whose labels are prompt embeddings (:class:`LatentEncoder`); the empty prompt's
+    embedding stands in where a sample's condition is dropped."""
+
+    def __init__(self, null_embed: Tensor):
+        super().__init__()
+        self.register_buffer("null_embed", null_embed.reshape(1, *null_embed.shape[-2:]), persistent=False)
+
+    def __call__(self, embeds: Tensor, null: Tensor) -> dict[str, Tensor]:
+        return {"encoder_hidden_states": torch.where(view(null, embeds).bool(), self.null_embed.to(embeds.dtype), embeds)}
+
+
+def captioned_source(sd: SDConfig, pipe, batch_size: int, seed: int = 0) -> MappedSource:
+    """The captioned images of ``sd.data_root`` (map-style, or streamed with ``sd.streaming``), encoded per batch by
+    ``pipe``'s VAE and text encoder."""
+    if sd.streaming:
+        rows = CaptionRows(pipe.tokenizer, sd.resolution, sd.image_column, sd.caption_column)
+        source = StreamSource(load_hf(sd.data_root, streaming=True), batch_size, rows, seed, sd.num_workers)
+    else:
+        source = DatasetSource(CaptionedFolder(sd.data_root, sd.resolution, pipe.tokenizer), batch_size, seed, num_workers=sd.num_workers)
+    return MappedSource(source, LatentEncoder(pipe.vae, pipe.text_encoder))
 
 
 def save_lora(unet, folder: str | Path) -> Path:
@@ -128,7 +200,6 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
     from diffusers import StableDiffusionPipeline
 
     from fastdiff.training.config import to_dict
-    from fastdiff.objectives import TextConditioner
 
     out = Path(recipe.output_dir)
     for name in ("lora", "unet"):
@@ -139,11 +210,12 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
         raise InputError(f"sd.pretrained={sd.pretrained} is not a local diffusers pipeline folder (no model_index.json); "
                          "fastdiff does not download weights")  # fmt: skip
     pipe = StableDiffusionPipeline.from_pretrained(sd.pretrained, local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    images, captions = load_captioned_folder(sd.data_root, sd.resolution)
-    latents, prompts, null = _encode(pipe, images, captions)
-    objective = lcm_objective(sd, pipe.unet, dict(pipe.scheduler.config), TextConditioner(prompts, null))
+    source = captioned_source(sd, pipe, recipe.trainer.batch_size, recipe.trainer.seed)
+    with torch.no_grad():
+        null = pipe.encode_prompt([""], pipe.device, 1, False)[0].float()
+    objective = lcm_objective(sd, pipe.unet, dict(pipe.scheduler.config), PromptEmbeddings(null))
     fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
-    unet, record = train(objective, latents, torch.arange(len(captions)), recipe.trainer, out, fingerprint, resume=resume, progress=progress)
+    unet, record = train(objective, source, None, recipe.trainer, out, fingerprint, resume=resume, progress=progress)
     name = "lora" if sd.lora_rank else "unet"
     if record["is_main_process"]:
         tmp = out / f"{name}.tmp"

@@ -2,14 +2,15 @@
 
 A recipe (:class:`TeacherRecipe`, YAML in ``recipes/teacher_*.yaml``) names the data, the diffusers model
 (``UNet2DModel`` or ``DiTTransformer2DModel``), the discrete VP schedule and the optimisation; :func:`train_teacher`
-runs it on ``accelerate`` and saves a :class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline` folder (EMA weights,
+builds the model and a :class:`~fastdiff.objectives.denoising.DenoisingObjective`, runs them on the trainer
+(:func:`fastdiff.training.trainer.train`: checkpoints, ``--resume latest``, the NaN guard, trackers, EMA) and saves a
+:class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline` folder ``output_dir/teacher`` (EMA weights,
 safetensors) plus ``training.json`` recording how it was made. Labels are dropped to the null class with probability
 ``p_uncond`` so the teacher supports classifier-free guidance (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import sys
@@ -19,16 +20,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fastdiff.training.config import to_dict
-from fastdiff.datasets import LabeledData, load_dataset, make_loader
-from fastdiff.denoisers import call_model
+from fastdiff.datasets import LabeledData, load_dataset
 from fastdiff.errors import InputError
-from fastdiff.param import output_from_x0
+from fastdiff.objectives.denoising import DenoisingObjective
 from fastdiff.schedules import VPSchedule
+from fastdiff.training.config import to_dict
+from fastdiff.training.trainer import OptimConfig, TrainerConfig, train
 
-__all__ = ["TeacherRecipe", "train_teacher", "build_model", "scheduler_for"]
+__all__ = ["TeacherRecipe", "train_teacher", "build_model", "scheduler_for", "trainer_config"]
 
 
 @dataclass
@@ -64,16 +65,25 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """The teacher's optimisation, run by the trainer (:func:`trainer_config` maps it onto a ``TrainerConfig``)."""
+
     steps: int = 4000
-    batch_size: int = 128
+    batch_size: int = 128  # global: over all processes and accumulation micro-batches
     lr: float = 1e-3  # AdamW, after a linear warm-up
     warmup_steps: int = 200
     weight_decay: float = 0.0
     ema_decay: float = 0.999
+    ema_half_life: float | None = None  # in steps; overrides ema_decay
     p_uncond: float = 0.1  # label dropout for classifier-free guidance
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: what `accelerate launch` was told
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     init_from: str | None = None  # a teacher folder to continue training from (same model config)
 
 
@@ -84,7 +94,7 @@ class TeacherRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "runs/teacher"
+    output_dir: str = "runs/teacher"  # checkpoints and logs; the teacher is saved to output_dir/teacher
     expected: str = ""  # what the recipe costs and gives, for people reading it
 
 
@@ -125,19 +135,6 @@ def scheduler_for(cfg: ScheduleConfig):
     )  # fmt: skip
 
 
-def denoising_loss(model: nn.Module, schedule: VPSchedule, x0: Tensor, labels: Tensor, prediction_type: str) -> Tensor:
-    """Mean squared error of the model output against its target at a uniform random timestep (Ho et al. 2020,
-    Algorithm 1; v-target of Salimans & Ho 2022)."""
-    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
-    abar = schedule.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.ndim - 1)))
-    alpha, beta = abar.sqrt(), (1 - abar).sqrt()
-    eps = torch.randn_like(x0)
-    x_t = alpha * x0 + beta * eps
-    target = output_from_x0(x0, x_t, alpha, beta, prediction_type)
-    out = call_model(model, x_t, t, {"class_labels": labels})
-    return (out.float() - target).pow(2).mean()
-
-
 def _check_data(data: LabeledData, size: int | None = None) -> tuple[int, int]:
     if data.data.ndim != 4 or data.data.shape[2] != data.data.shape[3]:
         raise InputError(f"{data.name}: teachers need square images (N, C, H, H); got {tuple(data.data.shape)}")
@@ -146,79 +143,65 @@ def _check_data(data: LabeledData, size: int | None = None) -> tuple[int, int]:
     return data.data.shape[1], data.data.shape[2]
 
 
-def train_teacher(recipe: TeacherRecipe, progress: bool = True) -> Path:
-    """Train the recipe's teacher and save it to ``output_dir`` (refusing to overwrite an existing folder)."""
-    from accelerate import Accelerator
+def trainer_config(cfg: TrainConfig) -> TrainerConfig:
+    """The trainer's settings for a teacher recipe's ``train`` section (AdamW with a linear warm-up)."""
+    optim = OptimConfig(kind="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+    return TrainerConfig(
+        steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+        ema_half_life=cfg.ema_half_life, mixed_precision=cfg.mixed_precision, compile=cfg.compile, seed=cfg.seed,
+        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints, tracker=cfg.tracker,
+        optim=optim,
+    )  # fmt: skip
+
+
+def train_teacher(recipe: TeacherRecipe, resume: str | None = None, progress: bool = True) -> Path:
+    """Train the recipe's teacher and save it to ``output_dir/teacher`` (refusing to overwrite a finished one);
+    ``resume``: ``"latest"`` or a checkpoint folder of ``output_dir/checkpoints``. Returns the teacher folder."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, save_teacher
-
-    out_dir, cfg = Path(recipe.output_dir), recipe.train
-    if out_dir.exists():
-        raise InputError(f"output_dir {out_dir} already exists; remove it or pass --set output_dir=NEW_DIR")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    set_seed(cfg.seed)
+    out, cfg = Path(recipe.output_dir), recipe.train
+    if (out / "teacher").exists():
+        raise InputError(f"{out / 'teacher'} already exists; remove it or pass --set output_dir=NEW_DIR")
+    set_seed(cfg.seed)  # the initial weights
     d = recipe.data
     data = load_dataset(d.name, "train", d.root, d.size, d.channels, labels=True)
     channels, size = _check_data(data)
     model = build_model(recipe.model, channels, size, data.num_classes)
     previous = _load_weights(model, cfg.init_from) if cfg.init_from else None
     # diffusers' DiT drops labels independently inside every block in train mode; we keep the model in eval mode
-    # (it has no dropout or batch norm) and drop labels once per sample below.
+    # (it has no dropout or batch norm) and the objective drops labels once per sample.
     model.eval()
-    ema = copy.deepcopy(model).requires_grad_(False)
     schedule = VPSchedule.from_config(scheduler_for(recipe.schedule).config)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
-    loader = make_loader(data, cfg.batch_size, seed=cfg.seed)
-    model, opt, loader, warmup = accelerator.prepare(model, opt, loader, warmup)
-    ema.to(accelerator.device)
+    objective = DenoisingObjective(model, schedule, recipe.schedule.prediction_type, data.num_classes, p_uncond=cfg.p_uncond)
+    fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
+    fingerprint["train"] = {k: v for k, v in fingerprint["train"].items() if k not in ("steps", "log_every")}
+    start = time.time()
+    ema, record = train(objective, data.data, data.labels, trainer_config(cfg), out, fingerprint, resume=resume, progress=progress)
+    if record["is_main_process"]:
+        _save_teacher(recipe, ema, record, previous, time.time() - start)
+    return out / "teacher"
 
-    start, losses, step = time.time(), [], 0
-    bar = tqdm(total=cfg.steps, disable=not progress or not accelerator.is_main_process, desc="teacher")
-    while step < cfg.steps:
-        for x0, labels in loader:
-            drop = torch.rand(labels.shape, device=labels.device) < cfg.p_uncond
-            labels = torch.where(drop, torch.full_like(labels, data.num_classes), labels)
-            with accelerator.autocast():
-                loss = denoising_loss(model, schedule, x0, labels, recipe.schedule.prediction_type)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at step {step}; lower train.lr")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step(), warmup.step(), opt.zero_grad(set_to_none=True)
-            _ema_update(ema, accelerator.unwrap_model(model), cfg.ema_decay)
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-            if step >= cfg.steps:
-                break
-    bar.close()
-    minutes = (time.time() - start) / 60
-    if accelerator.is_main_process:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model_key = "unet" if recipe.model.kind == "unet" else "transformer"
-        pipe = ClassConditionalPipeline(scheduler=scheduler_for(recipe.schedule), **{model_key: ema.cpu()})
-        save_teacher(pipe, tmp)
-        record = {
-            "recipe": to_dict(recipe),
-            "command": " ".join(sys.argv),
-            "steps": step + (previous["steps"] if previous else 0),
-            "continued_from": previous,
-            "cpu_or_device": str(accelerator.device),
-            "num_processes": accelerator.num_processes,
-            "wall_minutes": round(minutes + (previous["wall_minutes"] if previous else 0), 2),
-            "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
-            "parameters": sum(p.numel() for p in ema.parameters()),
-            "torch": torch.__version__,
-        }
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        tmp.rename(out_dir)  # atomic: a folder is either complete or absent
-    accelerator.wait_for_everyone()
-    return out_dir
+
+def _save_teacher(recipe: TeacherRecipe, ema: nn.Module, record: dict, previous: dict | None, seconds: float) -> None:
+    """The pipeline folder (safetensors + training.json), written to ``teacher.tmp`` and renamed."""
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, save_teacher
+
+    out = Path(recipe.output_dir)
+    tmp = out / "teacher.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_key = "unet" if recipe.model.kind == "unet" else "transformer"
+    save_teacher(ClassConditionalPipeline(scheduler=scheduler_for(recipe.schedule), **{model_key: ema.cpu()}), tmp)
+    steps = recipe.train.steps
+    last = [h["loss/denoiser/denoising"] for h in record["history"] if h["step"] > steps - 200]
+    (tmp / "training.json").write_text(json.dumps({
+        "recipe": to_dict(recipe), "command": " ".join(sys.argv), "steps": steps + (previous["steps"] if previous else 0),
+        "continued_from": previous, "resumed_from_step": record["start_step"], "cpu_or_device": record["device"],
+        "num_processes": record["num_processes"],
+        "wall_minutes": round(seconds / 60 + (previous["wall_minutes"] if previous else 0), 2),  # since the last resume, plus init_from's
+        "final_loss_mean_last_200": sum(last) / len(last) if last else None,  # over the logged steps among the last 200
+        "parameters": sum(p.numel() for p in ema.parameters()), "history": record["history"][-20:], "torch": torch.__version__,
+    }, indent=2) + "\n")  # fmt: skip
+    tmp.rename(out / "teacher")  # atomic: a folder is either complete or absent
 
 
 def _load_weights(model: nn.Module, folder: str) -> dict:
@@ -235,10 +218,3 @@ def _load_weights(model: nn.Module, folder: str) -> dict:
         raise InputError(f"train.init_from={folder} does not match the recipe's model: {str(err)[:300]}") from None
     record = json.loads((path / "training.json").read_text()) if (path / "training.json").is_file() else {}
     return {"folder": str(path), "steps": record.get("steps", 0), "wall_minutes": record.get("wall_minutes", 0.0)}
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-

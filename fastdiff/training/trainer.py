@@ -2,7 +2,10 @@
 
 Per step: the global batch of step ``k`` (fixed by the seed, whatever the number of processes), each phase that is
 due (``update_every``: two-time-scale updates) computes its named loss terms over its share of the batch in
-``grad_accum`` micro-batches, clips, steps its own optimiser, then the EMA follows. Around it: a NaN/inf guard,
+``grad_accum`` micro-batches (the other phases' parameters frozen), clips, steps its own optimiser, moves the
+objective's EMA targets and calls its ``after_step``; then the EMA of the exported network follows. The trainer calls
+only what :class:`~fastdiff.objectives.base.Objective` declares. Host synchronisations: one per optimiser step (the
+guard) and one per log step (the logged terms); none per micro-batch. Around it: a NaN/inf guard,
 atomic checkpoints (``accelerator.save_state`` into a temporary folder, a manifest with file hashes, then a rename)
 with a retention limit and ``resume="latest"`` that skips corrupt ones, trackers (tensorboard / wandb), a progress
 bar, periodic evaluation and sample grids.
@@ -14,6 +17,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +26,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fastdiff.training.checkpoints import MANIFEST, find_checkpoint, latest_good, save_checkpoint
+from fastdiff.training.checkpoints import MANIFEST, find_checkpoint, latest_good, load_data_state, save_checkpoint
 from fastdiff.training.data import BatchSource, TensorSource
-from fastdiff.training.ema import EMA, decay_from_half_life
+from fastdiff.training.ema import EMA, decay_from_half_life, ema_update_
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import Objective
 
@@ -76,7 +80,9 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
 
     ``data``: a batch source (:mod:`fastdiff.training.data`), or images with their ``labels`` (a
     :class:`~fastdiff.training.data.TensorSource` of ``cfg.batch_size`` and ``cfg.seed``; ``labels`` is None for a
-    source).
+    source). Each process draws its own share of every step's batch (``source.batches(start, rank, world, state)``);
+    a source whose position is not a function of the step (streaming) has its state saved in every checkpoint, one
+    file per process, and restored on resume.
 
     ``fingerprint`` (the recipe) is stored in every checkpoint; resuming from another recipe's folder is refused.
     ``resume``: ``"latest"`` or a checkpoint folder.
@@ -90,8 +96,10 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
         raise InputError(f"{out} already holds checkpoints; pass --resume latest to continue, or a new output_dir")
     if cfg.batch_size % cfg.grad_accum:
         raise InputError(f"trainer.batch_size={cfg.batch_size} must be divisible by trainer.grad_accum={cfg.grad_accum}")
+    _check_phases(objective, cfg)
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=_tracker(cfg.tracker), project_dir=str(out),
-                                             cpu=not torch.cuda.is_available())  # cpu: torchrun on CPU runs gloo processes
+                                             cpu=not torch.cuda.is_available(),  # cpu: torchrun on CPU runs gloo processes
+                                             kwargs_handlers=_ddp_kwargs(objective))  # fmt: skip
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise InputError(f"trainer.batch_size={cfg.batch_size} must split evenly over {world} processes x {cfg.grad_accum} micro-batches")
@@ -102,6 +110,7 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     prepared = accelerator.prepare(objective, *optims.values(), *scheds.values())
     model, optims = prepared[0], dict(zip(optims, prepared[1 : 1 + len(optims)]))
     scheds = dict(zip(scheds, prepared[1 + len(optims) :]))
+    frozen = _frozen_per_phase(optims)
     ema = EMA(accelerator.unwrap_model(model).export(), decay_from_half_life(cfg.ema_half_life) if cfg.ema_half_life else cfg.ema_decay)
     start = 0
     if resume is not None:
@@ -118,23 +127,22 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     if accelerator.log_with:
         accelerator.init_trackers(out.name, config=_flat(fingerprint))
     source = _source(data, labels, cfg, accelerator.device)
+    batches = source.batches(start, rank, world, load_data_state(found, rank) if start else None)  # this process's shares
     history: list[dict] = []
     last_ckpt = latest_good(ckpt_dir, fingerprint)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accelerator.is_main_process)
     tick = time.perf_counter()
+    terms: dict[str, Tensor] = {}  # each phase's latest terms and logs, on the device: read only at log steps
     for step in bar:
-        batch = source.batch(step)
-        shard = {k: v.chunk(world)[rank] for k, v in batch.items()}
-        logs: dict[str, float] = {}
+        shard = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
         for phase in objective.phases:
             if step % cfg.phase_optim.get(phase, cfg.optim).update_every:
                 continue
-            logs.update(_phase_step(accelerator, model, optims[phase], scheds[phase], shard, phase, step, cfg, last_ckpt))
-            hook = getattr(accelerator.unwrap_model(model), "after_step", None)
-            if hook is not None:
-                hook(phase)
+            terms.update(_phase_step(accelerator, model, optims[phase], scheds[phase], shard, phase, step, cfg, last_ckpt, frozen[phase]))
+            _after_phase(accelerator.unwrap_model(model), phase)
         ema.update(accelerator.unwrap_model(model).export())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            logs = _reduce_logs(accelerator, terms)
             now = time.perf_counter()
             logs["images_per_s"] = cfg.log_every * cfg.batch_size / max(now - tick, 1e-9)
             tick = now
@@ -142,7 +150,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
             history.append({"step": step + 1, **logs})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            last_ckpt = save_checkpoint(accelerator, ckpt_dir, step + 1, fingerprint, cfg.keep_checkpoints, ema)
+            last_ckpt = save_checkpoint(accelerator, ckpt_dir, step + 1, fingerprint, cfg.keep_checkpoints, ema,
+                                        data_state=getattr(batches, "state_dict", lambda: None)())
         if evaluate is not None and accelerator.is_main_process and (
             (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps
         ):
@@ -151,42 +160,105 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
     accelerator.end_training()  # also ends the process group
-    return ema.model, {"history": history, "start_step": start, "num_processes": world, "is_main_process": main}
+    record = {"history": history, "start_step": start, "num_processes": world, "is_main_process": main, "device": str(accelerator.device)}
+    return ema.model, record
 
 
-def _phase_step(accelerator, model, opt, sched, shard, phase, step, cfg, last_ckpt) -> dict[str, float]:
-    """Accumulate gradients over the micro-batches of this process's shard, then one optimiser step."""
+def _phase_step(accelerator, model, opt, sched, shard, phase, step, cfg, last_ckpt, frozen: list[Tensor]) -> dict[str, Tensor]:
+    """Accumulate gradients over the micro-batches of this process's shard (the other phases' parameters ``frozen``),
+    check the loss terms are finite, then one optimiser step. Returns the terms and logs, this process's means over
+    the micro-batches, as tensors on the device (no host synchronisation)."""
     micro = {k: v.chunk(cfg.grad_accum) for k, v in shard.items()}
     totals: dict[str, Tensor] = {}
-    for m in range(cfg.grad_accum):
-        part = {k: v[m] for k, v in micro.items()}
-        sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
-        with sync, accelerator.autocast():
-            result = model(part, phase, step)
-        _guard(accelerator, result.terms, step, phase, last_ckpt)
-        accelerator.backward(result.total / cfg.grad_accum)
-        for name, value in {**result.terms, **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in result.logs.items()}}.items():
-            totals[name] = totals.get(name, 0) + value.detach().float().to(accelerator.device) / cfg.grad_accum
+    with _frozen(frozen):
+        for m in range(cfg.grad_accum):
+            part = {k: v[m] for k, v in micro.items()}
+            sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                result = model(part, phase, step)
+            accelerator.backward(result.total / cfg.grad_accum)
+            for name, value in {**result.terms, **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in result.logs.items()}}.items():
+                totals[name] = totals.get(name, 0) + value.detach().float().to(accelerator.device) / cfg.grad_accum
+    _guard(accelerator, {k: totals[k] for k in result.terms}, step, phase, last_ckpt)
     params = [p for g in opt.param_groups for p in g["params"]]
     if cfg.grad_clip:
         accelerator.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    reduced = {k: accelerator.reduce(v, reduction="mean").item() for k, v in totals.items()}
     loss_names = set(result.terms)
-    return {(f"loss/{phase}/{k}" if k in loss_names else f"{phase}/{k}"): v for k, v in reduced.items()}
+    return {(f"loss/{phase}/{k}" if k in loss_names else f"{phase}/{k}"): v for k, v in totals.items()}
 
 
 def _guard(accelerator, terms: dict[str, Tensor], step: int, phase: str, last_ckpt: Path | None) -> None:
-    """Stop on the first non-finite loss term (on any process), naming it and the last good checkpoint."""
-    bad = torch.tensor([0.0 if torch.isfinite(v.detach()).all() else 1.0 for v in terms.values()], device=accelerator.device)
-    bad = accelerator.reduce(bad, reduction="sum")
-    if bad.sum() > 0:
-        name = list(terms)[int(bad.nonzero()[0])]
-        value = terms[name].detach().float().item()
-        where = f"last good checkpoint: {last_ckpt} (resume with --resume latest, e.g. with a lower optim.lr)" if last_ckpt else "no checkpoint was written yet"
-        raise TrainingStopped(f"step {step}: loss term '{name}' of phase '{phase}' is {value}; stopped. {where}")
+    """Stop on the first non-finite loss term (on any process), naming the step, phase, term and the last good
+    checkpoint.
+
+    One host synchronisation per optimiser step (the ``bool`` below), not one per micro-batch and term: the terms are
+    checked once, as their means over the micro-batches, after the backward passes and before the optimiser step.
+    The trade-off: with ``grad_accum > 1`` a run computes the remaining micro-batches of the step after the first
+    non-finite one before it stops, and the value named is the micro-batch mean (nan or inf); no optimiser step ever
+    uses a non-finite loss, so the last checkpoint and the weights in memory stay good.
+    """
+    bad = accelerator.reduce(torch.stack([~torch.isfinite(v) for v in terms.values()]).float(), reduction="sum")
+    if not bool(bad.any()):  # the one synchronisation per step
+        return
+    name = list(terms)[int(bad.nonzero()[0])]
+    value = terms[name].item()
+    where = f"last good checkpoint: {last_ckpt} (resume with --resume latest, e.g. with a lower optim.lr)" if last_ckpt else "no checkpoint was written yet"
+    raise TrainingStopped(f"step {step}: loss term '{name}' of phase '{phase}' is {value}; stopped. {where}")
+
+
+def _reduce_logs(accelerator, terms: dict[str, Tensor]) -> dict[str, float]:
+    """This step's terms and logs averaged over the processes, as floats: one reduction and one host
+    synchronisation for all of them, at log steps only."""
+    if not terms:
+        return {}
+    values = accelerator.reduce(torch.stack(list(terms.values())), reduction="mean").tolist()
+    return dict(zip(terms, values))
+
+
+def _after_phase(objective: Objective, phase: str) -> None:
+    """The objective's declared hooks after ``phase``'s optimiser step: its EMA targets, then ``after_step``."""
+    for t in objective.ema_targets(phase):
+        ema_update_(t.target, t.source, t.decay)
+    objective.after_step(phase)
+
+
+def _check_phases(objective: Objective, cfg: TrainerConfig) -> None:
+    phases = objective.phases
+    if not phases or len(set(phases)) != len(phases):
+        raise InputError(f"{type(objective).__name__}.phases must name one or more distinct phases; got {phases!r}")
+    unknown = sorted(set(cfg.phase_optim) - set(phases))
+    if unknown:
+        raise InputError(f"trainer.phase_optim names {', '.join(map(repr, unknown))}, but {type(objective).__name__}'s phases are "
+                         f"{', '.join(map(repr, phases))}")  # fmt: skip
+
+
+def _ddp_kwargs(objective: Objective) -> list:
+    """Several phases: each leaves the other phases' parameters without gradient, which DDP must be told."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if len(objective.phases) > 1 else []
+
+
+def _frozen_per_phase(optims: dict[str, torch.optim.Optimizer]) -> dict[str, list[Tensor]]:
+    """For each phase, the parameters that other phases train and it does not (empty for one phase)."""
+    own = {phase: {id(p) for g in o.param_groups for p in g["params"]} for phase, o in optims.items()}
+    trained = {id(p): p for o in optims.values() for g in o.param_groups for p in g["params"]}
+    return {phase: [p for i, p in trained.items() if i not in own[phase]] for phase in optims}
+
+
+@contextlib.contextmanager
+def _frozen(params: list[Tensor]):
+    """``requires_grad`` off for ``params`` inside the block: a phase's gradient reaches only its own parameters."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _source(data: Tensor | BatchSource, labels: Tensor | None, cfg: TrainerConfig, device: torch.device) -> BatchSource:
@@ -196,6 +268,10 @@ def _source(data: Tensor | BatchSource, labels: Tensor | None, cfg: TrainerConfi
         return TensorSource(data, labels, cfg.batch_size, cfg.seed).to(device)
     if labels is not None:
         raise InputError("train(): labels are given with a batch source; the source carries its own labels")
+    if not isinstance(data, BatchSource):
+        raise InputError(f"train(): data must be images or a batch source (fastdiff.training.data); got {type(data).__name__}")
+    if getattr(data, "batch_size", cfg.batch_size) != cfg.batch_size:
+        raise InputError(f"the batch source makes batches of {data.batch_size}, trainer.batch_size is {cfg.batch_size}; make them equal")
     return data.to(device) if hasattr(data, "to") else data
 
 
@@ -218,7 +294,7 @@ def _tracker(name: str) -> str | None:
         return None
     module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
     if importlib.util.find_spec(module) is None:
-        print(f"fastdiff: trainer.tracker={name} but `{module}` is not installed; logging to the progress bar and JSON only")
+        warnings.warn(f"trainer.tracker={name} but `{module}` is not installed; logging to the progress bar and JSON only", stacklevel=3)
         return None
     return name
 

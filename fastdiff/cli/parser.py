@@ -1,0 +1,193 @@
+"""The ``fastdiff`` argument parser: one ``_add_<command>`` function per subcommand, each binding its command from
+:mod:`fastdiff.cli.commands`."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastdiff.cli import commands
+
+__all__ = ["build_parser"]
+
+Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns (for type hints)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``fastdiff``; each subcommand sets ``func`` to its command."""
+    parser = argparse.ArgumentParser(
+        prog="fastdiff",
+        description="Make diffusion models fast: few-step solvers, feature caching and distillation on diffusers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_info, _add_train, _add_sample, _add_cache, _add_fid, _add_quickstart, _add_bench, _add_schedule, _add_data):
+        add(sub)
+    return parser
+
+
+def _add_info(sub: Subparsers) -> None:
+    p = sub.add_parser("info", help="versions and the time convention")
+    p.set_defaults(func=commands.cmd_info)
+
+
+def _add_train(sub: Subparsers) -> None:
+    p = sub.add_parser("train", help="run a training recipe (also: accelerate launch scripts/train.py RECIPE)")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/teacher_digits.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
+    p.add_argument("--resume", metavar="latest|DIR", help="continue from the newest intact checkpoint "
+                   "in output_dir (`latest`) or from a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=commands.cmd_train)
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, required: bool, num_samples: int) -> None:
+    """The options of a sampling run, shared by ``sample`` and ``fid``."""
+    from fastdiff.pipelines.sampling import SCHEDULERS
+
+    p.add_argument("--pipeline", required=required, metavar="PATH",
+                   help="a fastdiff/diffusers pipeline folder, or a shipped teacher: fashion-mnist, digits")  # fmt: skip
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="swap in this diffusers scheduler (default: the folder's)")
+    p.add_argument("--steps", type=int, default=20, help="inference steps (default 20)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--num-samples", type=int, default=num_samples, help=f"images to draw (default {num_samples})")
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i), not on the batch size")
+    p.add_argument("--batch-size", type=int, default=250, help="images per pipeline call (default 250)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_sample(sub: Subparsers) -> None:
+    from fastdiff.cache.spec import CACHE_SPEC_HELP
+    from fastdiff.pipelines.runs import PREVIEW
+
+    p = sub.add_parser("sample", help="sample a PNG grid and an .npz from a pipeline",
+                       description="Sample a pipeline: every image goes to OUT/samples.npz (uint8, with labels and settings); "
+                       f"OUT/grid.png previews the first --preview of them (default {PREVIEW}).")  # fmt: skip
+    _add_pipeline_args(p, required=True, num_samples=64)
+    p.add_argument("--classes", help="comma-separated class labels, cycled (default: all classes in turn)")
+    p.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
+    p.add_argument("--nrow", type=int, help="images per grid row")
+    p.add_argument("--scale", type=int, default=4, help="grid upscaling factor (default 4)")
+    p.add_argument("--preview", type=int, default=PREVIEW, metavar="N",
+                   help=f"images shown in grid.png: the first N (default {PREVIEW}); samples.npz holds them all")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace grid.png / samples.npz in --out")
+    p.add_argument("--cache", metavar="SPEC", help=f"feature cache: {CACHE_SPEC_HELP}")
+    p.set_defaults(func=commands.cmd_sample)
+
+
+def _add_cache(sub: Subparsers) -> None:
+    from fastdiff.pipelines.sampling import SCHEDULERS
+
+    p = sub.add_parser("cache", help="feature caches: fit a TeaCache-style polynomial or train a HarmoniCa router")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("calibrate", "fit the polynomial from the first block's change to the output's change (TeaCache)"),
+                         ("train-router", "train a HarmoniCa router (SDT rollouts + IEPO) for this model, scheduler and step count")):
+        a = actions.add_parser(action, help=text, description=text)
+        a.add_argument("pipeline", help="a fastdiff class-conditional pipeline folder, or a shipped teacher: fashion-mnist, digits")
+        a.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="swap in this scheduler (default: the folder's)")
+        a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        a.add_argument("--no-progress", action="store_true")
+        a.add_argument("--seed", type=int, default=0)
+        a.set_defaults(func=commands.cmd_cache)
+    _add_calibrate_args(actions.choices["calibrate"])
+    _add_router_args(actions.choices["train-router"])
+
+
+def _add_calibrate_args(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    a.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4, as TeaCache)")
+    a.add_argument("--generations", type=int, default=4, help="pipeline calls to fit over (default 4)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per call (default 16)")
+    a.add_argument("--out", default="outputs/cache/calibration.json", help="JSON with the coefficients (default %(default)s)")
+
+
+def _add_router_args(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--steps", type=int, default=20, help="sampler steps the router is for (default 20)")
+    a.add_argument("--beta", type=float, default=0.01, help="speed/quality trade-off: weight of the mean router score (default 0.01)")
+    a.add_argument("--iterations", type=int, default=40, help="SDT rollouts (default 40)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per rollout (default 16)")
+    a.add_argument("--forecast", type=int, default=0, choices=(0, 1), help="1: Taylor-forecast the reused features")
+    a.add_argument("--init-every", type=int, default=0, metavar="N", help="start from the static every-N plan (default 0: uniform scores)")
+    a.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the rollouts (default 1)")
+    a.add_argument("--granularity", default="attn-mlp",
+                   help="router units: attn-mlp (attention and feed-forward of adaLN-gated blocks -- DiT, PixArt -- as HarmoniCa) or block (default %(default)s)")
+    a.add_argument("--out", default="outputs/cache/router.safetensors", help="router file (default %(default)s)")
+
+
+def _add_fid(sub: Subparsers) -> None:
+    from fastdiff.eval.extractors import EXTRACTORS
+
+    p = sub.add_parser("fid", help="FID / KID / precision-recall of images against a reference",
+                       description="Sources: an image folder, an .npz (images under `images`/`arr_0`, or mu/sigma "
+                       "statistics), or a data set split such as fashion-mnist:test. "
+                       "`fastdiff fid GENERATED REFERENCE` or `fastdiff fid --pipeline PATH ... REFERENCE`.")  # fmt: skip
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    _add_pipeline_args(p, required=False, num_samples=1000)
+    p.add_argument("--extractor", default="inception", help=f"{', '.join(EXTRACTORS)} or an extractor folder (default inception)")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights (offline machines)")
+    p.add_argument("--kid", action="store_true", help="also KID (unbiased, mean and std over subsets)")
+    p.add_argument("--pr", action="store_true", help="also precision/recall (k-NN manifolds, k=3)")
+    p.add_argument("--size", type=int, help="resize folder images: shorter side to SIZE, centre crop (default: error on mixed sizes)")
+    p.add_argument("--json", metavar="OUT", help="write the result and its settings as JSON")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the generated side's mu/sigma/features")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
+    p.set_defaults(func=commands.cmd_fid)
+
+
+def _add_quickstart(sub: Subparsers) -> None:
+    from fastdiff.cache.spec import CACHE_SPEC_HELP
+
+    p = sub.add_parser("quickstart", help="the main job: FID vs NFE of the shipped teacher (a few CPU minutes)")
+    p.add_argument("--teacher", choices=("fashion-mnist", "digits"), default="fashion-mnist")
+    p.add_argument("--num-samples", type=int, default=500, help="images per run (default 500)")
+    p.add_argument("--steps", help="comma-separated step counts (default 4,8,16)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/quickstart", help="folder for the JSON, grid and plot")
+    p.add_argument("--cache", help=f"feature cache for the teacher's second reference run: {CACHE_SPEC_HELP}, or none "
+                   "(default: the benchmark's best)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=commands.cmd_quickstart)
+
+
+def _add_bench(sub: Subparsers) -> None:
+    p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md",
+                       description="Every output goes where the options say, relative to the current directory: run it "
+                       "from a checkout's root to regenerate the repository's benchmarks/, BENCHMARKS.md and README.md.")  # fmt: skip
+    p.add_argument("name", choices=("teachers", "samplers", "distill", "cache", "cache-unet", "report"),
+                   help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
+                        "Gaussian-mixture oracle, scheduler overhead); distill: consistency students vs their teacher and the "
+                        "trainer's overhead; cache: feature-cache policies vs uncached and diffusers' caches (DiT); cache-unet: "
+                        "DeepCache-style caching of the digits UNet; report: only "
+                        "regenerate BENCHMARKS.md")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="benchmarks", metavar="DIR", help="folder of the benchmark JSON and plots (default %(default)s)")
+    p.add_argument("--report", default="BENCHMARKS.md", metavar="FILE", help="the report regenerated from --out (default %(default)s)")
+    p.add_argument("--readme", default="README.md", metavar="FILE",
+                   help="also regenerate the benchmark section between this file's markers, when it exists (default %(default)s)")
+    p.add_argument("--recipes", default="recipes", metavar="DIR", help="distill: the folder of the recipes it trains (default %(default)s)")
+    p.set_defaults(func=commands.cmd_bench)
+
+
+def _add_schedule(sub: Subparsers) -> None:
+    p = sub.add_parser("schedule", help="print a diffusers scheduler config's timestep/sigma grid")
+    p.add_argument("config", help="scheduler_config.json, a scheduler folder or a pipeline folder")
+    p.add_argument("--steps", type=int, default=10, help="number of inference steps (default 10)")
+    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="override timestep_spacing")
+    p.add_argument("--mu", type=float, help="Flux's resolution shift, needed by use_dynamic_shifting configs")
+    p.set_defaults(func=commands.cmd_schedule)
+
+
+def _add_data(sub: Subparsers) -> None:
+    from fastdiff.datasets import DATASETS
+
+    p = sub.add_parser("data", help="summarise a dataset and write a preview grid")
+    p.add_argument("name", choices=DATASETS)
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--root", help="folder of Fashion-MNIST IDX files, or the image folder for `folder`")
+    p.add_argument("--size", type=int, help="image folder: resize the shorter side and centre-crop to SIZE")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folder: 1 or 3 channels")
+    p.add_argument("--labels", action="store_true", help="image folder: labels from subfolders")
+    p.add_argument("--seed", type=int, help="shuffle with this seed (default: file order)")
+    p.add_argument("--grid", metavar="PNG", help="write a grid of the first --num images here")
+    p.add_argument("--num", type=int, default=64, help="images in the grid (default 64)")
+    p.set_defaults(func=commands.cmd_data)
