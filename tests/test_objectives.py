@@ -383,3 +383,27 @@ def test_denoising_objective_draws_from_the_seeds_and_drops_labels():
     assert 3 in seen[0].tolist() and (seen[0] != 3).any()  # some dropped to the null class, some kept
     assert all(p.grad is not None for p in net.parameters()) and list(obj.parameters_for("denoiser")) == list(net.parameters())
 
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon", "sample"])
+def test_min_snr_loss_is_min_snr_gamma_times_the_x0_error(prediction_type):
+    """Min-SNR-gamma (Hang et al. 2023): whatever the output, the weighted loss is the mean over samples of
+    min(SNR_t, gamma) * mean |x0 - x0_hat|^2, with x0_hat recovered from a (wrong) model's output by hand."""
+    from fastdiff.objectives import denoising_loss
+    from fastdiff.param import x0_from_output
+    from fastdiff.schedules import VPSchedule
+
+    schedule = VPSchedule.from_config({"beta_schedule": "linear"})
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g), torch.tensor([0, 10, 500, 999])
+    model = lambda x, t, class_labels=None: 0.7 * x + 0.1  # noqa: E731
+
+    abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    alpha, beta = abar.sqrt(), (1 - abar).sqrt()
+    x_t = alpha * x0 + beta * noise
+    x0_hat = x0_from_output(model(x_t, t), x_t, alpha, beta, prediction_type)
+    snr = (abar / (1 - abar)).flatten()
+    expected = (snr.clamp(max=5.0) * (x0 - x0_hat).pow(2).flatten(1).mean(1)).mean()
+    got = denoising_loss(model, schedule, x0, t, noise, {}, prediction_type, weighting="min_snr", snr_gamma=5.0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+    assert snr.min() < 5.0 < snr.max()  # the clip acts on some samples and not on others

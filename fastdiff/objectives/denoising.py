@@ -12,23 +12,41 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from fastdiff.denoisers import call_model
+from fastdiff.errors import check_choice
 from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
 from fastdiff.objectives.conditioning import ClassConditioner, check_unconditional, condition_kwargs, dropout_mask, view
 from fastdiff.param import output_from_x0
 from fastdiff.schedules import VPSchedule
 
-__all__ = ["denoising_loss", "DenoisingObjective"]
+__all__ = ["denoising_loss", "min_snr_weight", "DenoisingObjective", "WEIGHTINGS"]
+
+
+WEIGHTINGS = ("none", "min_snr")
+
+
+def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma (Hang et al., ICCV 2023, eq. 7): the weight on the output's squared error that makes the loss
+    ``min(SNR, gamma) * |x0 - x0_hat|^2``. Output errors relate to the x0 error by ``|eps - eps_hat|^2 = SNR |x0 -
+    x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2``, so the weight is ``min(SNR, gamma) / SNR`` (epsilon),
+    ``/ (SNR + 1)`` (v_prediction) or ``min(SNR, gamma)`` itself (sample)."""
+    clipped = snr.clamp(max=gamma)
+    return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
 
 
 def denoising_loss(model: nn.Module, schedule: VPSchedule, x0: Tensor, t: Tensor, noise: Tensor, cond: dict[str, Tensor],
-                   prediction_type: str) -> Tensor:  # fmt: skip
+                   prediction_type: str, weighting: str = "none", snr_gamma: float = 5.0) -> Tensor:  # fmt: skip
     """Mean squared error of ``model``'s output at ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` against the
-    output that corresponds to ``x0`` (``prediction_type``: epsilon, v_prediction or sample), over all elements."""
+    output that corresponds to ``x0`` (``prediction_type``: epsilon, v_prediction or sample), over all elements;
+    ``weighting="min_snr"``: each sample's error weighted by :func:`min_snr_weight` (``snr_gamma``)."""
     abar = view(schedule.alphas_cumprod.to(x0.device)[t].float(), x0)
     alpha, beta = abar.sqrt(), (1 - abar).sqrt()
     x_t = alpha * x0 + beta * noise
     target = output_from_x0(x0, x_t, alpha, beta, prediction_type)
-    return (call_model(model, x_t, t, cond).float() - target).pow(2).mean()
+    error = (call_model(model, x_t, t, cond).float() - target).pow(2)
+    if weighting == "none":
+        return error.mean()
+    snr = (abar / (1 - abar)).flatten()
+    return (min_snr_weight(snr, snr_gamma, prediction_type) * error.flatten(1).mean(1)).mean()
 
 
 class DenoisingObjective(Objective):
@@ -44,10 +62,12 @@ class DenoisingObjective(Objective):
     phases = ("denoiser",)
 
     def __init__(self, net: nn.Module, schedule: VPSchedule, prediction_type: str, num_classes: int | None,
-                 p_uncond: float = 0.1):  # fmt: skip
+                 p_uncond: float = 0.1, weighting: str = "none", snr_gamma: float = 5.0):  # fmt: skip
         super().__init__()
         check_unconditional(num_classes is not None, p_uncond)
+        check_choice("weighting", weighting, WEIGHTINGS)
         self.net, self.schedule, self.prediction_type, self.p_uncond = net, schedule, prediction_type, p_uncond
+        self.weighting, self.snr_gamma = weighting, snr_gamma
         self.conditioner = ClassConditioner(num_classes) if num_classes is not None else None
 
     def parameters_for(self, phase: str) -> Iterable[nn.Parameter]:
@@ -62,4 +82,5 @@ class DenoisingObjective(Objective):
         t = (per_sample_rand(seeds, 0, x.device) * n).long().clamp(max=n - 1)  # uniform over 0 .. T-1
         cond = condition_kwargs(self.conditioner, batch, dropout_mask(seeds, self.p_uncond))
         noise = per_sample_randn(x, seeds, 1)
-        return LossOutput({"denoising": denoising_loss(self.net, self.schedule, x, t, noise, cond, self.prediction_type)})
+        loss = denoising_loss(self.net, self.schedule, x, t, noise, cond, self.prediction_type, self.weighting, self.snr_gamma)
+        return LossOutput({"denoising": loss})

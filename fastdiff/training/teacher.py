@@ -75,6 +75,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_half_life: float | None = None  # in steps; overrides ema_decay
     p_uncond: float = 0.1  # label dropout for classifier-free guidance
+    loss_weighting: Literal["none", "min_snr"] = "none"  # min_snr: Min-SNR-gamma (Hang et al. 2023)
+    snr_gamma: float = 5.0
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     seed: int = 0
@@ -172,7 +174,8 @@ def train_teacher(recipe: TeacherRecipe, resume: str | None = None, progress: bo
     # (it has no dropout or batch norm) and the objective drops labels once per sample.
     model.eval()
     schedule = VPSchedule.from_config(scheduler_for(recipe.schedule).config)
-    objective = DenoisingObjective(model, schedule, recipe.schedule.prediction_type, data.num_classes, p_uncond=cfg.p_uncond)
+    objective = DenoisingObjective(model, schedule, recipe.schedule.prediction_type, data.num_classes, p_uncond=cfg.p_uncond,
+                                   weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma)  # fmt: skip
     fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
     fingerprint["train"] = {k: v for k, v in fingerprint["train"].items() if k not in ("steps", "log_every")}
     start = time.time()
