@@ -20,4 +20,5 @@ def test_router_units_table_lists_both_granularities_side_by_side():
     table = [line for line in lines[start:] if line.startswith("| learned router")]
     assert table == ["| learned router (HarmoniCa), per block | beta=0.01 | 1.50x | 10.4 | 1 | 50% | 40% | 12 s |",
                      "| learned router (HarmoniCa) | beta=0.01 | 1.80x | 10.1 | 1 | 50% | 40% | 12 s |"]  # fmt: skip
+    assert "per-block units err less (FID vs uncached) in 0 of 1 pairs; attention / feed-forward units are faster in 1 of 1." in " ".join(lines)
     assert not any(line.startswith("**Router units**") for line in render_cache({**data, "router_units": None}))

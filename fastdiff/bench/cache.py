@@ -318,7 +318,21 @@ def _render_router_units(units: dict | None) -> list[str]:
     for r in units["rows"]:
         lines.append(f"| {r['method']} | {r['knob']} | {r['speedup']:.2f}x | {fmt(r['fid_test'])} | {fmt(r['fid_uncached'])} | "
                      f"{r['reuse_rate']:.0%} | {r['macs_saved']:.0%} | {r.get('setup_seconds', 0):.0f} s |")  # fmt: skip
+    pairs = _unit_pairs(units["rows"])
+    if pairs:
+        block_better = sum(b["fid_uncached"] < a["fid_uncached"] for b, a in pairs)
+        faster = sum(a["speedup"] > b["speedup"] for b, a in pairs)
+        lines += ["", f"Same method and knob: per-block units err less (FID vs uncached) in {block_better} of {len(pairs)} pairs; "
+                      f"attention / feed-forward units are faster in {faster} of {len(pairs)}."]  # fmt: skip
     return lines + [""]
+
+
+def _unit_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(per-block row, attention / feed-forward row) of the same method and knob."""
+    suffix = ", per block"
+    attn = {(r["method"], r["knob"]): r for r in rows if not r["method"].endswith(suffix)}
+    return [(r, attn[(r["method"][: -len(suffix)], r["knob"])]) for r in rows
+            if r["method"].endswith(suffix) and (r["method"][: -len(suffix)], r["knob"]) in attn]  # fmt: skip
 
 
 def plot_cache(data: dict, path: Path) -> Path:
