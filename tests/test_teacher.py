@@ -64,3 +64,47 @@ def test_continue_from_a_teacher(tmp_path):
     with pytest.raises(InputError, match="does not match the recipe's model"):
         train_teacher(other, progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_teacher_evaluates_during_training_and_eval_settings_do_not_block_resume(tmp_path):
+    """eval.every: the EMA teacher's domain FID (DDIM, eval.steps) at every eval.every steps and at the end, equal to
+    scoring the saved teacher by hand; a sample grid per evaluation; changing eval settings keeps --resume working."""
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.eval.metrics import fid_of_samples
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
+
+    base = [*TINY["teacher_digits.yaml"], "train.batch_size=8", "train.checkpoint_every=2", f"output_dir={tmp_path / 'out'}",
+            "eval.every=2", "eval.num_samples=20", "eval.steps=3", "eval.grid=4"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):  # stop after the step-2 checkpoint, as an interruption would
+        _interrupt_after(3, lambda: train_teacher(load_config(TeacherRecipe, "recipes/teacher_digits.yaml", [*base, "train.steps=4"]),
+                                                  progress=False))  # fmt: skip
+    cfg = load_config(TeacherRecipe, "recipes/teacher_digits.yaml", [*base, "train.steps=4", "eval.num_samples=24"])
+    out = train_teacher(cfg, resume="latest", progress=False)  # another eval section: still the same run
+    rows = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(set(r) == {"step", "fid_3nfe"} for r in rows)
+    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    pipe = load_pipeline(out)
+    pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
+    extractor = load_extractor("digits")
+    reference = source_features(load_source("digits:test", 1), extractor)
+    by_hand = fid_of_samples(sample_pipeline(pipe, 24, 3, 1.0, seed=0).images, extractor, reference)
+    assert rows[-1]["fid_3nfe"] == pytest.approx(by_hand, rel=1e-5)
+
+
+def _interrupt_after(calls: int, run):
+    """Run ``run()`` with the trainer's optimiser steps counted; raise KeyboardInterrupt at step ``calls``."""
+    from unittest import mock
+
+    import fastdiff.training.trainer as trainer
+
+    original, count = trainer._phase_step, {"n": 0}
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with mock.patch.object(trainer, "_phase_step", counted):
+        return run()
