@@ -31,6 +31,7 @@ __all__ = [
     "toy_2d",
     "read_idx",
     "resize_center_crop",
+    "image_pixels",
     "make_loader",
     "load_dataset",
     "DATASETS",
@@ -196,19 +197,16 @@ def load_image_folder(
     for path in files:
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                img = resize_center_crop(img, size) if size else img
-                array = np.asarray(img, dtype=np.uint8)
+                array = image_pixels(img, size, channels)
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"cannot read image {path}: {err}") from None
         first = first or (path, array.shape)
         if array.shape != first[1]:
             raise InputError(
-                f"images differ in size: {first[0]} is {first[1][:2]}, {path} is {array.shape[:2]}; pass size=N to resize"
+                f"images differ in size: {first[0]} is {first[1][1:]}, {path} is {array.shape[1:]}; pass size=N to resize"
             )
         arrays.append(array)
     pixels = np.stack(arrays)
-    pixels = pixels[:, None] if channels == 1 else pixels.transpose(0, 3, 1, 2)
     index = {c: i for i, c in enumerate(class_names)}
     y = [index[p.relative_to(root).parts[0]] if labels else 0 for p in files]
     return LabeledData(
@@ -218,6 +216,15 @@ def load_image_folder(
         class_names if labels else (),
         str(root),
     ).shuffled(seed)
+
+
+def image_pixels(img, size: int | None = None, channels: int = 3) -> np.ndarray:
+    """A PIL image as uint8 pixels ``(channels, H, W)``: converted to grayscale or RGB, and with ``size`` the shorter
+    side resized to it (bicubic) and the centre square kept."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    img = resize_center_crop(img, size) if size else img
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def resize_center_crop(img, size: int):

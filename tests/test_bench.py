@@ -219,3 +219,30 @@ def test_distill_recipes_come_from_the_given_folder(tmp_path):
     assert recipe_file("recipes/ict_digits.yaml", repo / "recipes") == repo / "recipes" / "ict_digits.yaml"
     with pytest.raises(InputError, match="pass --recipes DIR"):
         trainer_overhead(steps=2, repeats=1, recipes=tmp_path)
+
+
+def test_bench_report_without_json_refuses_and_keeps_the_report(tmp_path, monkeypatch, capsys):
+    """A mistyped --out (no benchmark JSON there) is exit 2 naming the folder, and BENCHMARKS.md is not replaced by an
+    empty report."""
+    from fastdiff.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("BENCHMARKS.md").write_text("the real report\n")
+    assert main(["bench", "report", "--out", "typo"]) == 2
+    assert "no benchmark JSON" in capsys.readouterr().err and Path("BENCHMARKS.md").read_text() == "the real report\n"
+
+
+def test_distill_benchmark_checks_every_recipe_before_any_work(tmp_path, monkeypatch):
+    """A --recipes folder missing one recipe fails at once, before minutes of teacher sampling."""
+    import shutil
+
+    import fastdiff.eval.extractors as extractors
+    from fastdiff.bench.distill import DISTILL_RECIPES, bench_distill
+    from fastdiff.errors import InputError
+
+    repo = Path(__file__).resolve().parent.parent
+    for path, _ in list(DISTILL_RECIPES.values())[:-1]:  # all but the last
+        shutil.copy(repo / path, tmp_path)
+    monkeypatch.setattr(extractors, "load_extractor", lambda *a, **k: pytest.fail("work started before the recipes were checked"))
+    with pytest.raises(InputError, match="pass --recipes DIR"):
+        bench_distill(quick=True, progress=False, recipes=tmp_path)

@@ -143,3 +143,9 @@ def test_sample_grid_previews_at_most_100(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "s" / "grid.png").size == ((10 * 9 + 1) * 4,) * 2  # 10 x 10 tiles of 8 px + 1 px gaps, x4
     assert main([*args, "--overwrite", "--preview", "6", "--nrow", "3", "--scale", "1"]) == 0
     assert Image.open(tmp_path / "s" / "grid.png").size == (3 * 9 + 1, 2 * 9 + 1)
+    before = (tmp_path / "s" / "samples.npz").read_bytes()
+    import fastdiff.pipelines.runs as runs
+
+    monkeypatch.setattr(runs, "draw", lambda *a, **k: pytest.fail("sampled before checking --preview"))
+    assert main([*args, "--overwrite", "--preview", "0"]) == 2  # refused before sampling: nothing rewritten
+    assert (tmp_path / "s" / "samples.npz").read_bytes() == before

@@ -108,3 +108,9 @@ def _interrupt_after(calls: int, run):
 
     with mock.patch.object(trainer, "_phase_step", counted):
         return run()
+
+
+@pytest.mark.parametrize("override", ["eval.every=-1", "eval.num_samples=1", "eval.steps=0", "eval.grid=-2"])
+def test_bad_eval_settings_are_refused(override):
+    with pytest.raises(InputError, match=f"eval.{override.split('.')[1].split('=')[0]} must be >="):
+        load_config(TeacherRecipe, "recipes/teacher_digits.yaml", [override])

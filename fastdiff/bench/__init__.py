@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastdiff.bench import cache, distill, samplers, teachers
+from fastdiff.errors import InputError
 from fastdiff.bench.common import BENCH_DIR, FID_SCORED_AS, RECIPES_DIR, atomic_write, machine
 
 __all__ = ["BENCHMARKS", "Benchmark", "machine", "run_bench", "write_report", "BENCH_DIR", "RECIPES_DIR", "REPORT", "README"]
@@ -50,6 +51,10 @@ def write_report(bench_dir: Path = BENCH_DIR, out: Path = REPORT, readme: Path |
     """Regenerate the report ``out`` from every ``<bench_dir>/<name>.json`` that exists (plots are written next to
     the JSON), and the same tables between the benchmark markers of ``readme`` when that file exists."""
     bench_dir = Path(bench_dir)
+    found = [name for name in BENCHMARKS if (bench_dir / f"{name}.json").is_file()]
+    if not found:  # a mistyped --out must not replace a report with an empty one
+        raise InputError(f"no benchmark JSON ({', '.join(f'{n}.json' for n in BENCHMARKS)}) in {bench_dir}; pass --out DIR, "
+                         "the folder `fastdiff bench NAME` wrote to")  # fmt: skip
     lines = []
     for name, bench in BENCHMARKS.items():
         path = bench_dir / f"{name}.json"

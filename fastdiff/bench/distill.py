@@ -51,6 +51,7 @@ def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Pat
     from fastdiff.eval.assets import teacher_path
     from fastdiff.pipelines.sampling import sample_pipeline
 
+    paths = {label: recipe_file(path, recipes) for label, (path, _) in DISTILL_RECIPES.items()}  # all found before any work
     seeds = (0,) if quick else (0, 1, 2)
     n = 60 if quick else 360
     extractor = load_extractor("digits")
@@ -70,7 +71,7 @@ def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Pat
         overrides = [*switches, f"output_dir={runs / str(i)}", "trainer.tracker=none", "trainer.eval_every=0", f"eval.num_samples={n}"]
         if quick:
             overrides += ["trainer.steps=6", "trainer.batch_size=32", "trainer.checkpoint_every=1000"]
-        recipe = load_config(DistillRecipe, recipe_file(path, recipes), overrides)
+        recipe = load_config(DistillRecipe, paths[label], overrides)
         start = time.perf_counter()
         student = run_distill(recipe, progress=progress)
         minutes = (time.perf_counter() - start) / 60

@@ -87,6 +87,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from fastdiff.pipelines.runs import check_out_folder, cycle_labels, draw, open_pipeline, save_samples
 
     check_out_folder(args.out, args.overwrite)
+    if args.preview < 1:  # before sampling, not after
+        raise InputError(f"--preview must be >= 1 (images in grid.png); got {args.preview}")
     labels = cycle_labels(_int_list(args.classes, "--classes"), args.num_samples) if args.classes else None
     pipe = open_pipeline(pipeline_path(args.pipeline), args.scheduler, args.cache)
     settings = _settings(args)

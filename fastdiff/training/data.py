@@ -311,15 +311,10 @@ class MappedSource:
 def image_tensor(img, resolution: int | None = None, channels: int = 3) -> Tensor:
     """A PIL image as a ``(channels, H, W)`` float tensor in ``[-1, 1]``; with ``resolution``, the shorter side
     resized to it (bicubic) and the centre square kept."""
-    import numpy as np
+    from fastdiff.datasets import image_pixels
+    from fastdiff.images import from_pixels
 
-    from fastdiff.datasets import resize_center_crop
-
-    img = img.convert("L" if channels == 1 else "RGB")
-    img = resize_center_crop(img, resolution) if resolution else img
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
-    pixels = pixels[None] if channels == 1 else pixels.permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1
+    return from_pixels(torch.from_numpy(image_pixels(img, resolution, channels)))
 
 
 @dataclass

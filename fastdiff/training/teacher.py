@@ -102,6 +102,11 @@ class TeacherEvalConfig:
     steps: int = 50
     grid: int = 64  # images in the sample grid (0: none)
 
+    def __post_init__(self):
+        for key, low in (("every", 0), ("num_samples", 2), ("steps", 1), ("grid", 0)):  # FID needs >= 2 samples
+            if getattr(self, key) < low:
+                raise InputError(f"eval.{key} must be >= {low}; got {getattr(self, key)}")
+
 
 @dataclass
 class TeacherRecipe:
