@@ -223,7 +223,7 @@ def image_pixels(img, size: int | None = None, channels: int = 3) -> np.ndarray:
     side resized to it (bicubic) and the centre square kept."""
     img = img.convert("L" if channels == 1 else "RGB")
     img = resize_center_crop(img, size) if size else img
-    array = np.asarray(img, dtype=np.uint8)
+    array = np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on PIL's read-only buffer)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
