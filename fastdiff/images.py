@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastdiff.errors import InputError
 
-__all__ = ["to_pixels", "from_pixels", "to_uint8", "image_grid", "save_grid"]
+__all__ = ["to_pixels", "from_pixels", "to_uint8", "image_grid", "save_grid", "save_panels"]
 
 
 def to_pixels(images: Tensor) -> Tensor:
@@ -60,4 +60,23 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    return path
+
+
+def save_panels(panels: list[tuple[str, Tensor]], path: str | Path, nrow: int = 10) -> Path:
+    """Sample grids side by side in one picture, each under its title (e.g. teacher | solver | student on the same
+    classes and seeds)."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it is
+
+    if not panels:
+        raise InputError("save_panels needs at least one (title, images) panel")
+    fig = Figure(figsize=(3.2 * len(panels), 3.6), dpi=150)
+    for ax, (title, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.imshow(image_grid(images, nrow), cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
     return path

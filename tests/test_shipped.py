@@ -71,6 +71,41 @@ def test_quickstart_smoke(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_quickstart_student_rows_and_panels(tmp_path, monkeypatch):
+    """Student rows sample the student pipeline with its own scheduler at guidance 1 (whatever the teacher's guidance),
+    with the same seeds; they report a speed-up over the teacher's reference run and join the picture of grids."""
+    import fastdiff.quickstart
+
+    student_dir = ASSETS / "teachers" / "digits"  # any pipeline of the teacher's shape stands in for a student
+    panels = []
+    monkeypatch.setattr(fastdiff.quickstart, "save_panels", lambda p, path: panels.extend(p))
+    cfg = QuickstartConfig(teacher="digits", schedulers=("ddim", "euler"), steps=(2,), reference_steps=3, cache=None,
+                           student=str(student_dir), student_steps=(1, 2), guidance_scale=2.0, num_samples=12, out=str(tmp_path))  # fmt: skip
+    record = run_quickstart(cfg, progress=False)
+    students = [r for r in record["rows"] if r["sampler"].startswith("student")]
+    assert [(r["sampler"], r["nfe"]) for r in students] == [("student: denoising (fastdiff)", 1), ("student: denoising (fastdiff)", 2)]
+    assert all(r["speedup"] > 0 for r in students) and record["student"] == str(student_dir)
+    pipe = load_pipeline(student_dir)
+    extractor = load_extractor("digits")
+    reference = source_features(load_source("digits:test", 1), extractor)
+    again = sample_pipeline(pipe, 12, 1, 1.0, cfg.seed).images
+    assert students[0]["fid"] == pytest.approx(fid_of_samples(again, extractor, reference), rel=1e-9)
+    titles = [t.split("\n")[0] for t, _ in panels]
+    best = min((r for r in record["rows"] if r["sampler"] in ("ddim (diffusers)", "euler (diffusers)")), key=lambda r: r["fid"])
+    assert titles == ["teacher: ddim (diffusers)", best["sampler"], "student: denoising (fastdiff)"]
+    assert torch.equal(panels[2][1], again[:100])  # the student's one-step samples, same seeds
+
+
+def test_quickstart_refuses_a_student_of_another_teacher_before_sampling(tmp_path, monkeypatch):
+    import fastdiff.pipelines.sampling
+
+    monkeypatch.setattr(fastdiff.pipelines.sampling, "sample_pipeline", lambda *a, **k: pytest.fail("sampled first"))
+    cfg = QuickstartConfig(teacher="digits", student=str(ASSETS / "teachers" / "fashion-mnist"), out=str(tmp_path / "q"))
+    with pytest.raises(InputError, match="makes .classes, .channels, size.. = .10, .1, 28.., the digits teacher .10, .1, 8"):
+        run_quickstart(cfg, progress=False)
+    assert not (tmp_path / "q").exists()  # nothing written
+
+
 def test_quickstart_refuses_a_bad_cache_setting_before_sampling(tmp_path, monkeypatch):
     import fastdiff.pipelines.sampling
 

@@ -145,7 +145,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    """FID against NFE of the shipped teacher with diffusers' schedulers; a table, a grid and a plot."""
+    """FID against NFE of the shipped teacher with diffusers' schedulers, its cache and its student; a table, grids, a plot."""
     from fastdiff.quickstart import QuickstartConfig, run_quickstart
 
     cfg = QuickstartConfig(teacher=args.teacher, num_samples=args.num_samples, guidance_scale=args.guidance,
@@ -154,6 +154,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         cfg.steps = tuple(_int_list(args.steps, "--steps"))
     if args.cache:
         cfg.cache = None if args.cache == "none" else args.cache
+    if args.student:
+        cfg.student = None if args.student == "none" else args.student
     record = run_quickstart(cfg, progress=not args.no_progress)
     print(f"\n{cfg.teacher} teacher, domain FID vs {record['reference']}, {cfg.num_samples} samples, "
           f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}")

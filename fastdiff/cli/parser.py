@@ -135,7 +135,8 @@ def _add_fid(sub: Subparsers) -> None:
 def _add_quickstart(sub: Subparsers) -> None:
     from fastdiff.cache.spec import CACHE_SPEC_HELP
 
-    p = sub.add_parser("quickstart", help="the main job: FID vs NFE of the shipped teacher (a few CPU minutes)")
+    p = sub.add_parser("quickstart", help="the main job: FID vs NFE of the shipped teacher's solvers, its feature cache "
+                       "and its distilled student (a few CPU minutes)")
     p.add_argument("--teacher", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     p.add_argument("--num-samples", type=int, default=500, help="images per run (default 500)")
     p.add_argument("--steps", help="comma-separated step counts (default 4,8,16)")
@@ -144,6 +145,8 @@ def _add_quickstart(sub: Subparsers) -> None:
     p.add_argument("--out", default="outputs/quickstart", help="folder for the JSON, grid and plot")
     p.add_argument("--cache", help=f"feature cache for the teacher's second reference run: {CACHE_SPEC_HELP}, or none "
                    "(default: the benchmark's best)")
+    p.add_argument("--student", metavar="PATH", help="a distilled student's pipeline folder for the student rows, or none "
+                   "(default: the student shipped with the teacher, if any)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.cmd_quickstart)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastdiff.errors import InputError
 
-__all__ = ["ASSETS", "TEACHERS", "teacher_path", "pipeline_path"]
+__all__ = ["ASSETS", "TEACHERS", "teacher_path", "student_path", "pipeline_path"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TEACHERS = ("fashion-mnist", "digits")
@@ -25,6 +25,14 @@ def teacher_path(name: str) -> Path:
         raise InputError(f"the shipped teacher {path} is missing; reinstall fastdiff, or retrain it from a checkout with "
                          f"`fastdiff train recipes/teacher_{name.replace('-', '_')}.yaml`")  # fmt: skip
     return path
+
+
+def student_path(teacher: str) -> Path | None:
+    """The folder of the distilled student shipped for a shipped teacher (``assets/students/NAME``, the best student of
+    `fastdiff bench distill`), or ``None`` where none ships."""
+    teacher_path(teacher)  # an unknown name is refused the same way
+    path = ASSETS / "students" / teacher
+    return path if (path / "model_index.json").is_file() else None
 
 
 def pipeline_path(name_or_path: str | Path) -> Path:
