@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastdiff.denoisers import call_model
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import EMATarget, LossOutput, Objective, per_sample_rand, per_sample_randn
 from fastdiff.objectives.conditioning import ClassConditioner, check_unconditional, condition_kwargs, dropout_mask, view
+from fastdiff.objectives.denoising import predict_x0, vp_coefficients
 from fastdiff.objectives.losses import distance
-from fastdiff.param import lcm_scalings, x0_from_output
+from fastdiff.param import lcm_scalings
 
 __all__ = ["ConsistencyDistillation", "LORA_TARGETS", "guidance_embedding", "with_guidance_embedding"]
 
@@ -124,9 +124,8 @@ class ConsistencyDistillation(Objective):
         return self.net
 
     def _x0(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict) -> tuple[Tensor, Tensor, Tensor]:
-        abar = self.schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
-        alpha, beta = view(abar.sqrt(), x_t), view((1 - abar).sqrt(), x_t)
-        return x0_from_output(call_model(model, x_t, t, cond), x_t, alpha, beta, self.prediction_type), alpha, beta
+        alpha, beta = vp_coefficients(self.schedule, t, x_t)
+        return predict_x0(model, self.schedule, self.prediction_type, x_t, t, cond), alpha, beta
 
     def consistency_fn(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
         """LCM's ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)`` (the form ``LCMScheduler.step`` applies)."""

@@ -15,10 +15,10 @@ from fastdiff.denoisers import call_model
 from fastdiff.errors import check_choice
 from fastdiff.objectives.base import LossOutput, Objective, per_sample_rand, per_sample_randn
 from fastdiff.objectives.conditioning import ClassConditioner, check_unconditional, condition_kwargs, dropout_mask, view
-from fastdiff.param import output_from_x0
+from fastdiff.param import output_from_x0, x0_from_output
 from fastdiff.schedules import VPSchedule
 
-__all__ = ["denoising_loss", "min_snr_weight", "DenoisingObjective", "WEIGHTINGS"]
+__all__ = ["denoising_loss", "min_snr_weight", "vp_coefficients", "predict_x0", "DenoisingObjective", "WEIGHTINGS"]
 
 
 WEIGHTINGS = ("none", "min_snr")
@@ -31,6 +31,18 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     ``/ (SNR + 1)`` (v_prediction) or ``min(SNR, gamma)`` itself (sample)."""
     clipped = snr.clamp(max=gamma)
     return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+
+
+def vp_coefficients(schedule: VPSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` at integer timesteps ``t``, shaped to broadcast over ``like``."""
+    abar = view(schedule.alphas_cumprod.to(like.device)[t].to(like.dtype), like)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def predict_x0(model: nn.Module, schedule: VPSchedule, prediction_type: str, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
+    """The clean-sample prediction of a discrete VP ``model`` at ``(x_t, t)``, whatever its ``prediction_type``."""
+    alpha, beta = vp_coefficients(schedule, t, x_t)
+    return x0_from_output(call_model(model, x_t, t, cond), x_t, alpha, beta, prediction_type)
 
 
 def denoising_loss(model: nn.Module, schedule: VPSchedule, x0: Tensor, t: Tensor, noise: Tensor, cond: dict[str, Tensor],

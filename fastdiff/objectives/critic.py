@@ -1,0 +1,90 @@
+"""A discriminator read off a diffusion network's bottleneck, as DMD2's GAN classifier is.
+
+DMD2 (Yin et al. 2024, sec. 4.3) puts a small classification head on the *fake score* network's bottleneck features
+(official ``main/edm/edm_guidance.py`` L45-56: Conv 4x4 s2 -> GroupNorm -> SiLU -> Conv 4x4 s4 -> GroupNorm -> SiLU ->
+Conv 1x1 on the 8x8 bottleneck of the EDM UNet; ``main/sd_guidance.py``: the same on SD's mid-block). Here the features
+come from a removable forward hook (:class:`FeatureTap`) on any diffusers model's bottleneck (:func:`bottleneck`: the
+UNets' ``mid_block``, the middle transformer block of a DiT), so no model class is forked, and the head works at any
+bottleneck size: Conv 4x4 s2 -> GroupNorm -> SiLU -> global average -> Conv 1x1 (the official 4x4 s4 convolution
+assumes an 8x8 bottleneck; pooling is what takes its place at 7x7 or 4x4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.errors import InputError
+
+__all__ = ["FeatureTap", "bottleneck", "ClassifierHead"]
+
+
+def bottleneck(net: nn.Module) -> nn.Module:
+    """The module whose output is ``net``'s bottleneck: ``mid_block`` of a UNet, the middle of a transformer's blocks."""
+    if getattr(net, "mid_block", None) is not None:
+        return net.mid_block
+    blocks = getattr(net, "transformer_blocks", None)
+    if blocks is not None and len(blocks):
+        return blocks[(len(blocks) - 1) // 2]
+    raise InputError(f"no bottleneck found in {type(net).__name__}: expected a `mid_block` (UNet) or `transformer_blocks` (DiT)")
+
+
+class FeatureTap:
+    """Keeps the latest output of ``module`` while active (a removable forward hook; ``remove()`` restores the model).
+
+    Transformer tokens ``(B, N, C)`` are laid out as the square ``(B, C, sqrt N, sqrt N)`` map they came from."""
+
+    def __init__(self, module: nn.Module):
+        self.features: Tensor | None = None
+        self._handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args, output) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        if out.ndim == 3:
+            side = math.isqrt(out.shape[1])
+            if side * side != out.shape[1]:
+                raise InputError(f"cannot lay {out.shape[1]} bottleneck tokens out as a square feature map")
+            out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+        self.features = out
+
+    def take(self) -> Tensor:
+        """The features of the last forward pass (and forget them)."""
+        if self.features is None:
+            raise RuntimeError("no features captured: run the network first")
+        features, self.features = self.features, None
+        return features
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class ClassifierHead(nn.Module):
+    """One realism logit per sample from ``(B, C, H, W)`` bottleneck features."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        groups = math.gcd(groups, channels)
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, kernel_size=1),
+        )  # fmt: skip
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.body(features.float()).flatten(1)  # (B, 1)
+
+    @classmethod
+    def for_features(cls, features: Tensor) -> ClassifierHead:
+        if features.ndim != 4:
+            raise InputError(f"the classifier head needs (B, C, H, W) features; got {tuple(features.shape)}")
+        return cls(features.shape[1]).to(features.device)
+
+
+def probe(net: nn.Module, tap: FeatureTap, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+    """The bottleneck features of one forward pass of ``net`` (without gradient), to size a head."""
+    from fastdiff.denoisers import call_model
+
+    with torch.no_grad():
+        call_model(net, x, t, cond)
+    return tap.take()
