@@ -37,3 +37,18 @@ def test_errors_name_the_key(tmp_path, text, overrides, message):
 def test_missing_recipe(tmp_path):
     with pytest.raises(InputError, match="recipe not found"):
         load_config(TeacherRecipe, tmp_path / "nope.yaml")
+
+
+def test_phase_optim_values_become_typed_optimiser_configs(tmp_path):
+    """``trainer.phase_optim`` maps phase names to OptimConfig (not plain dicts the trainer cannot read); a bad key
+    inside one is named with its full path."""
+    from fastdiff.training.distill import DistillRecipe
+    from fastdiff.training.trainer import OptimConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text("objective: dmd2\ntrainer:\n  phase_optim:\n    generator: {lr: 2e-6, update_every: 5}\n")
+    recipe = load_config(DistillRecipe, path)
+    assert recipe.trainer.phase_optim == {"generator": OptimConfig(lr=2e-6, update_every=5)}
+    path.write_text("objective: dmd2\ntrainer:\n  phase_optim:\n    generator: {lr: 2e-6, every: 5}\n")
+    with pytest.raises(InputError, match="unknown key 'trainer.phase_optim.generator.every'"):
+        load_config(DistillRecipe, path)

@@ -259,3 +259,21 @@ def test_trainer_runs_both_phases_on_two_time_scales(tmp_path, divergence):
     assert calls == [(0, "generator"), (0, "critic"), (1, "critic"), (2, "generator"), (2, "critic")]
     assert all(torch.equal(a, b) for a, b in zip(teacher, obj.teacher.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(gen0, obj.generator.parameters()))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dmd.divergence=jensen_shannon", "objective dmd2 is the reverse-KL divergence"),
+    ("p_uncond=0.1", "p_uncond=0.1 has no effect on dmd2"),
+    ("eval.steps=[1, 2]", r"more steps than the generator has \(dmd.generator_steps=1\)"),
+])  # fmt: skip
+def test_dmd2_recipe_refuses_settings_that_would_be_ignored(override, message):
+    from pathlib import Path
+
+    from fastdiff.training.config import load_config
+    from fastdiff.training.distill import DistillRecipe, build_objective
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "dmd2_digits.yaml"
+    with pytest.raises(InputError, match=message):
+        build_objective(load_config(DistillRecipe, path, [override]), 1, 8, 10)
+    objective, scheduler = build_objective(load_config(DistillRecipe, path), 1, 8, 10)
+    assert isinstance(objective, DistributionMatching) and scheduler.config.original_inference_steps == 1

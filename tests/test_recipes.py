@@ -23,7 +23,7 @@ def test_recipe_parses(path):
     assert recipe.expected, f"{path.name} must state its expected cost and result"
 
 
-CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd") and "digits" in p.stem]
+CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "dmd2", "f_distill") and "digits" in p.stem]
 
 
 @pytest.mark.parametrize("path", CPU_RECIPES, ids=[p.stem for p in CPU_RECIPES])
@@ -40,10 +40,11 @@ def test_consistency_recipe_smoke(path, tmp_path):
     assert (tmp_path / "run" / "samples" / "step_00000003.png").is_file() and (tmp_path / "run" / "eval.jsonl").is_file()
     pipe = ClassConditionalPipeline.from_pretrained(student)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    steps = 1 if recipe_objective(path) in ("dmd2", "f_distill") else 2  # a one-step generator
+    images = pipe(class_labels=[0, 1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
     again = DiffusionPipeline.from_pretrained(student, custom_pipeline="pipeline", trust_remote_code=True)
-    assert type(again.scheduler).__name__ == ("LCMScheduler" if "cd_" in path.stem else "CMStochasticIterativeScheduler")
+    assert type(again.scheduler).__name__ == ("CMStochasticIterativeScheduler" if recipe_objective(path) in ("ict", "ilct") else "LCMScheduler")
 
 
 TINY_UNET = ["model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention=false"]

@@ -111,6 +111,8 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise _type_error(where, key, tp, value)
+        if len(args) == 2:  # e.g. trainer.phase_optim: {critic: {lr: ...}} -> OptimConfig values
+            return {k: _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

@@ -1,11 +1,13 @@
-"""Consistency recipes: iCT / iLCT from data and CD (LCM-style) from a teacher, run by :func:`fastdiff.training.trainer.train`.
+"""Distillation recipes: iCT / iLCT from data, CD (LCM-style), DMD2 and f-distill from a teacher, run by
+:func:`fastdiff.training.trainer.train`.
 
 A :class:`DistillRecipe` (YAML in ``recipes/``) names the objective, data, student network, trainer settings and the
 evaluation; :func:`run_distill` builds them, trains (``--resume latest`` continues), evaluates the EMA student with
-the domain FID of 1- and 2-step samples, and saves it as a diffusers pipeline folder in ``output_dir/student``:
-iCT/iLCT students with diffusers' ``CMStochasticIterativeScheduler``, CD students with ``LCMScheduler`` -- both load
-back with ``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``). Unconditional iCT/iLCT students
-(``conditional: false``) are saved as diffusers' own ``ConsistencyModelPipeline``.
+the domain FID of few-step samples, and saves it as a diffusers pipeline folder in ``output_dir/student``:
+iCT/iLCT students with diffusers' ``CMStochasticIterativeScheduler``; CD, DMD2 and f-distill students with
+``LCMScheduler`` (DMD2's multi-step generator on its own grid, ``original_inference_steps = dmd.generator_steps``) --
+all load back with ``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``). Unconditional iCT/iLCT
+students (``conditional: false``) are saved as diffusers' own ``ConsistencyModelPipeline``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from fastdiff.errors import InputError
 from fastdiff.training.teacher import DataConfig, ModelConfig, build_model
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "EvalConfig", "run_distill", "build_objective"]
+__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "EvalConfig", "run_distill", "build_objective"]
+
+STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill")  # objectives that distil a teacher; their students sample with LCMScheduler
 
 
 @dataclass
@@ -61,6 +65,20 @@ class DistillConfig:
 
 
 @dataclass
+class DMDConfig:
+    """DMD2 / f-distill (``objective: dmd2`` or ``f_distill``) from a teacher pipeline folder; the two phases' learning
+    rates and DMD2's two time scales are ``trainer.phase_optim`` (``generator: {update_every: 5}``)."""
+
+    teacher: str = "assets/teachers/digits"
+    guidance_scale: float = 1.0  # the real score's classifier-free guidance (real_guidance_scale)
+    generator_steps: int = 1  # K: 1 = one step from pure noise; 4 = DMD2's [999, 749, 499, 249] with backward simulation
+    dm_range: tuple[float, float] = (0.02, 0.98)  # min/max_step_percent of the DM loss's timesteps
+    divergence: str | None = None  # None: reverse_kl (dmd2), jensen_shannon (f_distill)
+    gan_generator_weight: float = 3e-3  # DMD2 ImageNet-64
+    gan_critic_weight: float = 1e-2
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 360
     steps: tuple[int, ...] = (1, 2)
@@ -69,11 +87,12 @@ class EvalConfig:
 
 @dataclass
 class DistillRecipe:
-    objective: Literal["ict", "ilct", "cd"] = "ict"
+    objective: Literal["ict", "ilct", "cd", "dmd2", "f_distill"] = "ict"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # iCT/iLCT; CD students copy the teacher
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     p_uncond: float = 0.1  # label dropout, for classifier-free guidance of the student
@@ -98,7 +117,7 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
     from fastdiff.objectives import ConsistencyDistillation, ConsistencyTraining, non_scaling_layernorm
     from fastdiff.schedules import VPSchedule
 
-    if not recipe.conditional and (recipe.objective == "cd" or recipe.p_uncond > 0 or recipe.model.kind != "unet"):
+    if not recipe.conditional and (recipe.objective in STUDENTS_OF_TEACHERS or recipe.p_uncond > 0 or recipe.model.kind != "unet"):
         raise InputError("conditional: false is for iCT/iLCT with model.kind: unet and p_uncond: 0 (CD distils a "
                          f"class-conditional teacher); got objective {recipe.objective}, model.kind {recipe.model.kind}, "
                          f"p_uncond {recipe.p_uncond}")  # fmt: skip
@@ -114,19 +133,48 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
             ot=c.ot, p_uncond=recipe.p_uncond,
         )  # fmt: skip
         return objective, _cm_scheduler(c)
+    if recipe.objective in ("dmd2", "f_distill"):
+        return _distribution_matching(recipe, channels, size, num_classes)
     d = recipe.distill
-    pipe = _load_teacher(d.teacher)
-    shape = pipe.image_shape
-    if shape != (channels, size, size) or pipe.num_classes != num_classes:
-        raise InputError(f"teacher {d.teacher} makes {shape} images with {pipe.num_classes} classes, but data "
-                         f"{recipe.data.name} has {(channels, size, size)} with {num_classes}")  # fmt: skip
-    config = dict(pipe.scheduler.config)
+    pipe, config = _teacher_for(d.teacher, recipe, channels, size, num_classes)
     objective = ConsistencyDistillation(
         pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
         num_ddim_timesteps=d.num_ddim_timesteps, guidance_scale=d.guidance_scale, target_ema=d.target_ema, loss=d.loss,
         huber_c=d.huber_c, p_uncond=recipe.p_uncond,
     )  # fmt: skip
     return objective, _lcm_scheduler(config, d.num_ddim_timesteps)
+
+
+def _teacher_for(path: str, recipe: DistillRecipe, channels: int, size: int, num_classes: int):
+    """The teacher pipeline at ``path`` and its scheduler config, refused unless it makes the data's images and classes."""
+    pipe = _load_teacher(path)
+    if pipe.image_shape != (channels, size, size) or pipe.num_classes != num_classes:
+        raise InputError(f"teacher {path} makes {pipe.image_shape} images with {pipe.num_classes} classes, but data "
+                         f"{recipe.data.name} has {(channels, size, size)} with {num_classes}")  # fmt: skip
+    return pipe, dict(pipe.scheduler.config)
+
+
+def _distribution_matching(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
+    from fastdiff.objectives import DistributionMatching
+    from fastdiff.schedules import VPSchedule
+
+    m = recipe.dmd
+    divergence = m.divergence or ("reverse_kl" if recipe.objective == "dmd2" else "jensen_shannon")
+    if recipe.objective == "dmd2" and divergence != "reverse_kl":
+        raise InputError(f"objective dmd2 is the reverse-KL divergence; for dmd.divergence={divergence!r} use objective: f_distill")
+    if recipe.p_uncond > 0:
+        raise InputError(f"p_uncond={recipe.p_uncond} has no effect on {recipe.objective} (the generator is sampled without "
+                         "guidance; the teacher's guidance is dmd.guidance_scale); set p_uncond: 0")  # fmt: skip
+    if max(recipe.eval.steps) > m.generator_steps:
+        raise InputError(f"eval.steps={list(recipe.eval.steps)} asks for more steps than the generator has "
+                         f"(dmd.generator_steps={m.generator_steps}); evaluate at most that many")  # fmt: skip
+    pipe, config = _teacher_for(m.teacher, recipe, channels, size, num_classes)
+    objective = DistributionMatching(
+        pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
+        guidance_scale=m.guidance_scale, generator_steps=m.generator_steps, dm_range=m.dm_range, divergence=divergence,
+        gan_generator_weight=m.gan_generator_weight, gan_critic_weight=m.gan_critic_weight,
+    )  # fmt: skip
+    return objective, _lcm_scheduler(config, m.generator_steps)
 
 
 def _cm_scheduler(c: ConsistencyConfig):
@@ -171,7 +219,7 @@ def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int
     from fastdiff.pipelines.sampling import sample_pipeline
 
     pipe = student_pipeline(net, scheduler)
-    if recipe.objective == "cd":
+    if recipe.objective in STUDENTS_OF_TEACHERS:
         return sample_pipeline(pipe, n, steps, 1.0, seed).images
     c = recipe.consistency
     levels = {1: [c.sigma_max], 2: [c.sigma_max, c.two_step_sigma]}.get(steps) or \
