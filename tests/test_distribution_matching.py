@@ -277,3 +277,52 @@ def test_dmd2_recipe_refuses_settings_that_would_be_ignored(override, message):
         build_objective(load_config(DistillRecipe, path, [override]), 1, 8, 10)
     objective, scheduler = build_objective(load_config(DistillRecipe, path), 1, 8, 10)
     assert isinstance(objective, DistributionMatching) and scheduler.config.original_inference_steps == 1
+
+
+def test_lora_layout_shares_one_frozen_base():
+    """Generator and fake score as two LoRA adapters on the teacher: at start both compute what the teacher does
+    (the same losses as the copies layout), the phases train disjoint adapter parameters, switching adapters leaves
+    the trainer's freezing alone, and the merged generator equals the base with the generator adapter on."""
+    from fastdiff.objectives.distribution_matching import generator_of
+
+    copies, lora = _objective(), _objective(lora_rank=4)
+    batch = _batch()
+    torch.testing.assert_close(lora.generate(batch, grad=False), copies.generate(batch, grad=False), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lora(batch, "critic", 0).terms["fake_denoising"], copies(batch, "critic", 0).terms["fake_denoising"])
+    gen, critic = list(lora.parameters_for("generator")), list(lora.parameters_for("critic"))
+    assert gen and {id(p) for p in gen}.isdisjoint(id(p) for p in critic)
+    trainable = {id(p) for p in gen} | {id(p) for p in critic}
+    assert all(not p.requires_grad for p in lora.net.parameters() if id(p) not in trainable)  # the base stays frozen
+    for p in critic:  # the generator phase, as the trainer runs it: the critic's parameters frozen
+        p.requires_grad_(False)
+    lora(batch, "generator", 0).total.backward()
+    assert all(not p.requires_grad and p.grad is None for p in critic) and all(p.grad is not None for p in gen)
+    with torch.no_grad():
+        for p in gen:
+            p.add_(0.05 * torch.randn_like(p))
+    merged = generator_of(lora.export())
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([999, 500]), {"class_labels": torch.tensor([0, 2])}
+    with torch.no_grad(), lora._use("generator") as net:
+        expect = net(x, t, **cond).sample
+    torch.testing.assert_close(merged(x, t, **cond).sample, expect, rtol=1e-4, atol=1e-5)
+    assert not any("lora_" in n for n, _ in merged.named_parameters()) and type(merged) is type(lora.net)
+
+
+def test_generator_gan_term_has_the_gan_loss_value_and_gradient():
+    """The GAN term reaches the generator through its sample (taken while the critic's adapter is on): its value is
+    w softplus(-D(x)) and its gradient on the generator that of the plain expression."""
+    batch = _batch()
+    with_gan, without = _objective(gan_generator_weight=0.5), _objective(gan_generator_weight=0.0)
+    without.load_state_dict(with_gan.state_dict())
+    params = list(with_gan.generator.parameters())
+    out = with_gan(batch, "generator", 0)
+    grads = torch.autograd.grad(out.total, params)
+    dm_only = torch.autograd.grad(without(batch, "generator", 0).total, list(without.generator.parameters()))
+    cond = {"class_labels": batch["labels"]}
+    x = with_gan.generate(batch)
+    direct = 0.5 * torch.nn.functional.softplus(-with_gan._gan_logits(x, cond, batch["seeds"], 12)).mean()
+    torch.testing.assert_close(out.terms["gan"], direct)
+    expect = torch.autograd.grad(direct, params)
+    got = torch.cat([(a - b).flatten() for a, b in zip(grads, dm_only)])
+    expect = torch.cat([g.flatten() for g in expect])
+    torch.testing.assert_close(got, expect, rtol=1e-3, atol=1e-5 * float(expect.abs().max()))

@@ -80,3 +80,19 @@ def test_unconditional_recipe_student_samples_in_diffusers_consistency_pipeline(
     torch.testing.assert_close(images, (ours / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="conditional: false is for iCT/iLCT"):
         build_objective(load_config(DistillRecipe, ROOT / "recipes" / "ict_digits.yaml", ["conditional=false"]), 1, 8, 10)
+
+
+def test_dmd2_lora_layout_recipe_ships_a_plain_student(tmp_path):
+    """dmd.lora_rank: the student folder holds the generator with its adapter merged: a plain diffusers model that
+    loads back and samples, with the teacher's parameter count."""
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "trainer.steps=2", "trainer.batch_size=8", "trainer.tracker=none",
+                 "eval.num_samples=4", "eval.grid=0", "dmd.lora_rank=2", "dmd.gradient_checkpointing=true"]  # fmt: skip
+    student = run_distill(load_config(DistillRecipe, ROOT / "recipes" / "dmd2_digits.yaml", overrides), progress=False)
+    pipe = ClassConditionalPipeline.from_pretrained(student)
+    teacher = ClassConditionalPipeline.from_pretrained(ROOT / "fastdiff" / "assets" / "teachers" / "digits")
+    assert sum(p.numel() for p in pipe.model.parameters()) == sum(p.numel() for p in teacher.model.parameters())
+    assert not any("lora" in n for n, _ in pipe.model.named_parameters())
+    images = pipe(class_labels=[3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.isfinite(images).all()

@@ -76,6 +76,8 @@ class DMDConfig:
     divergence: str | None = None  # None: reverse_kl (dmd2), jensen_shannon (f_distill)
     gan_generator_weight: float = 3e-3  # DMD2 ImageNet-64
     gan_critic_weight: float = 1e-2
+    lora_rank: int | None = None  # the one-frozen-base layout: generator and fake score as LoRA adapters of this rank
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -172,7 +174,8 @@ def _distribution_matching(recipe: DistillRecipe, channels: int, size: int, num_
     objective = DistributionMatching(
         pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
         guidance_scale=m.guidance_scale, generator_steps=m.generator_steps, dm_range=m.dm_range, divergence=divergence,
-        gan_generator_weight=m.gan_generator_weight, gan_critic_weight=m.gan_critic_weight,
+        gan_generator_weight=m.gan_generator_weight, gan_critic_weight=m.gan_critic_weight, lora_rank=m.lora_rank,
+        gradient_checkpointing=m.gradient_checkpointing,
     )  # fmt: skip
     return objective, _lcm_scheduler(config, m.generator_steps)
 
@@ -218,7 +221,9 @@ def sample_student(recipe: DistillRecipe, net: nn.Module, scheduler: Any, n: int
     from fastdiff.samplers import sample_consistency
     from fastdiff.pipelines.sampling import sample_pipeline
 
-    pipe = student_pipeline(net, scheduler)
+    from fastdiff.objectives.distribution_matching import generator_of
+
+    pipe = student_pipeline(generator_of(net), scheduler)
     if recipe.objective in STUDENTS_OF_TEACHERS:
         return sample_pipeline(pipe, n, steps, 1.0, seed).images
     c = recipe.consistency
@@ -298,13 +303,16 @@ def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out
 
     tmp, student_dir = out / "student.tmp", out / "student"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = student_pipeline(ema_net.cpu(), scheduler)
+    from fastdiff.objectives.distribution_matching import generator_of
+
+    net = generator_of(ema_net.cpu())  # DMD2's LoRA layout: the generator's adapter merged into the base
+    pipe = student_pipeline(net, scheduler)
     save_teacher(pipe, tmp) if recipe.conditional else pipe.save_pretrained(tmp, safe_serialization=True)  # diffusers' own class
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] if (out / "eval.jsonl").is_file() else []
     (tmp / "training.json").write_text(json.dumps({
         "recipe": to_dict(recipe), "command": " ".join(sys.argv), "steps": recipe.trainer.steps, "resumed_from_step": record["start_step"],
         "num_processes": record["num_processes"], "wall_minutes_this_run": round(seconds / 60, 2),
-        "final_eval": evals[-1] if evals else None, "parameters": sum(p.numel() for p in ema_net.parameters()),
+        "final_eval": evals[-1] if evals else None, "parameters": sum(p.numel() for p in net.parameters()),
         "history": record["history"][-20:], "torch": torch.__version__,
     }, indent=2) + "\n")  # fmt: skip
     tmp.rename(student_dir)
