@@ -5,7 +5,8 @@ sampler at a few step counts, the teacher's 50-step reference run with and witho
 the distilled student shipped with the teacher (``assets/students/NAME``) at 1, 2 and 4 steps; scores each run with the
 domain FID against the test split, and writes a table (stdout + JSON, with the cache's and the student's wall-clock
 speed-up over the reference run), an FID-vs-NFE plot, and one picture of sample grids on the same classes and seeds:
-teacher at 50 NFE | the best solver at the fewest steps | the student at one step. Everything it needs ships in the package (``fastdiff/assets/``); nothing is downloaded.
+teacher at 50 NFE | the best solver at the fewest steps | the student at one step. Everything it needs ships in the
+package (``fastdiff/assets/``); nothing is downloaded.
 """
 
 from __future__ import annotations
