@@ -121,11 +121,11 @@ def test_cache_bench_quick_runs_end_to_end(tmp_path):
 
 
 def test_cache_unet_bench_quick(tmp_path):
-    """The digits UNet teacher, DeepCache-style rows with and without the forecast, rendered as its own section."""
+    """The Fashion-MNIST UNet teacher, DeepCache-style rows with and without the forecast, rendered as its own section."""
     from fastdiff.bench.cache import bench_cache_unet, unet_cache_entries
 
     data = bench_cache_unet(quick=True, progress=False)
-    assert data["teacher"] == "digits" and len(data["rows"]) == len(unet_cache_entries())
+    assert data["teacher"] == "fashion-mnist" and data["model"] == "unet" and len(data["rows"]) == len(unet_cache_entries())
     assert all(0 < r["reuse_rate"] < 1 and 0 < r["macs_saved"] < 1 for r in data["rows"])
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "cache-unet.json").write_text(json.dumps(data))
@@ -246,3 +246,23 @@ def test_distill_benchmark_checks_every_recipe_before_any_work(tmp_path, monkeyp
     monkeypatch.setattr(extractors, "load_extractor", lambda *a, **k: pytest.fail("work started before the recipes were checked"))
     with pytest.raises(InputError, match="pass --recipes DIR"):
         bench_distill(quick=True, progress=False, recipes=tmp_path)
+
+
+def test_cells_resume_a_killed_run_and_refuse_to_overwrite_it(tmp_path):
+    """Finished cells survive a kill (a cut last line is recomputed); a plain rerun refuses the file; done() clears it."""
+    from fastdiff.bench.common import Cells
+    from fastdiff.errors import InputError
+
+    path = tmp_path / "samplers.partial.jsonl"
+    calls = []
+    cells = Cells(path)
+    assert cells("a", lambda: calls.append("a") or 1.5) == 1.5 and cells("b", lambda: calls.append("b") or {"x": 2}) == {"x": 2}
+    with path.open("a") as f:
+        f.write('{"key": "c", "val')  # the kill cut this line short
+    with pytest.raises(InputError, match="interrupted run; pass --resume"):
+        Cells(path)
+    again = Cells(path, resume=True)
+    assert again("a", lambda: pytest.fail("recomputed")) == 1.5 and again("b", lambda: pytest.fail("recomputed")) == {"x": 2}
+    assert again("c", lambda: 3) == 3 and calls == ["a", "b"]
+    again.done()
+    assert not path.exists()

@@ -59,7 +59,7 @@ OPTIONS = {
     "fid": "sources -h --help --pipeline --scheduler --steps --guidance --num-samples --seed --batch-size --no-progress --extractor "
            "--inception-weights --kid --pr --size --json --save-stats --no-cache",
     "quickstart": "-h --help --teacher --num-samples --steps --guidance --seed --out --cache --student --no-progress",
-    "bench": "name -h --help --quick --no-progress --out --report --readme --recipes",
+    "bench": "name -h --help --quick --no-progress --out --report --readme --recipes --resume",
     "schedule": "config -h --help --steps --spacing --mu",
     "data": "name -h --help --split --root --size --channels --labels --seed --grid --num",
 }  # fmt: skip

@@ -18,7 +18,7 @@ from fastdiff.eval.metrics import fid_of_samples
 from fastdiff.quickstart import QuickstartConfig, run_quickstart
 from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
-TEACHERS = ["digits", "fashion-mnist"]
+TEACHERS = ["digits", "fashion-mnist", "fashion-mnist-dit"]
 
 
 @pytest.mark.parametrize("name", TEACHERS)
@@ -36,7 +36,26 @@ def test_teacher_loads_offline_and_swaps_scheduler(name, monkeypatch):
     assert json.loads((path / "training.json").read_text())["steps"] > 0  # how it was trained is recorded
 
 
-@pytest.mark.parametrize("name", TEACHERS)
+def test_shipped_student_loads_with_its_own_scheduler_and_records_its_training(monkeypatch):
+    """assets/students/fashion-mnist: a plain pipeline folder (<= 15 MB) whose scheduler is LCMScheduler, made from
+    the fashion-mnist teacher's images and classes, with the recipe, command and minutes recorded."""
+    from diffusers import LCMScheduler
+
+    from fastdiff.eval.assets import student_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = student_path("fashion-mnist")
+    assert path is not None and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 15 * 2**20
+    pipe = DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.num_classes == 10
+    out = pipe(class_labels=[0, 7], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape[0] == 2 and np.isfinite(out.images).all()
+    record = json.loads((path / "training.json").read_text())
+    assert record["recipe"]["objective"] == "cd" and record["recipe"]["distill"]["teacher"] == "assets/teachers/fashion-mnist"
+    assert record["wall_minutes_this_run"] > 0 and record["steps"] == 2500
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
 def test_extractor_is_accurate(name):
     """The shipped classifier's accuracy, recomputed on the test split, is high and what its config records."""
     from fastdiff.datasets import load_dataset

@@ -15,7 +15,8 @@ from fastdiff.training.teacher import TeacherRecipe, build_model, train_teacher,
 
 TINY = {
     "teacher_digits.yaml": ["model.block_out_channels=[8, 16]", "train.tracker=none"],
-    "teacher_fashion_mnist.yaml": ["model.num_layers=1", "model.attention_head_dim=8", "model.num_attention_heads=2", "train.tracker=none"],
+    "teacher_fashion_mnist.yaml": ["model.block_out_channels=[8, 16, 16]", "train.tracker=none", "eval.every=0", "train.mixed_precision=null"],
+    "teacher_fashion_mnist_dit.yaml": ["model.num_layers=1", "model.attention_head_dim=8", "model.num_attention_heads=2", "train.tracker=none"],
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastdiff.bench import cache, distill, samplers, teachers
 from fastdiff.errors import InputError
-from fastdiff.bench.common import BENCH_DIR, FID_SCORED_AS, RECIPES_DIR, atomic_write, machine
+from fastdiff.bench.common import BENCH_DIR, FID_SCORED_AS, RECIPES_DIR, Cells, atomic_write, machine
 
 __all__ = ["BENCHMARKS", "Benchmark", "machine", "run_bench", "write_report", "BENCH_DIR", "RECIPES_DIR", "REPORT", "README"]
 
@@ -32,12 +32,14 @@ class Benchmark:
     render: Callable[[dict], list[str]]  # the record -> markdown lines
     plot: tuple[str, Callable[[dict, Path], Path]] | None = None  # (file name, plot(record, path))
     uses_recipes: bool = False  # run(..., recipes=DIR): trains the repository's recipes read from DIR
+    resumable: bool = False  # run(..., cells=Cells): stores each finished cell, so `--resume` continues a killed run
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "teachers": Benchmark(teachers.bench_teachers, teachers.render_teachers),
-    "samplers": Benchmark(samplers.bench_samplers, samplers.render_samplers, ("samplers_fid_vs_nfe.png", samplers.plot_samplers)),
+    "teachers": Benchmark(teachers.bench_teachers, teachers.render_teachers, resumable=True),
+    "samplers": Benchmark(samplers.bench_samplers, samplers.render_samplers, ("samplers_fid_vs_nfe.png", samplers.plot_samplers), resumable=True),
     "distill": Benchmark(distill.bench_distill, distill.render_distill, uses_recipes=True),
+    "distill-fashion-mnist": Benchmark(distill.bench_distill_fashion, distill.render_distill, uses_recipes=True, resumable=True),
     "cache": Benchmark(cache.bench_cache, cache.render_cache, ("cache_frontier.png", cache.plot_cache)),
     "cache-unet": Benchmark(cache.bench_cache_unet, cache.render_cache, ("cache-unet_frontier.png", cache.plot_cache)),
 }
@@ -108,16 +110,26 @@ def _update_readme(readme: Path, lines: list[str]) -> None:
 
 
 def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BENCH_DIR, report: Path = REPORT,
-              readme: Path | None = README, recipes: Path = RECIPES_DIR) -> Path:
+              readme: Path | None = README, recipes: Path = RECIPES_DIR, resume: bool = False) -> Path:
     """Run benchmark ``name``, write its JSON into ``out_dir`` and, unless ``quick``, regenerate ``report`` and the
-    benchmark section of ``readme`` from that folder. ``recipes``: where benchmarks that train find the recipes."""
+    benchmark section of ``readme`` from that folder. ``recipes``: where benchmarks that train find the recipes;
+    ``resume``: a resumable benchmark continues from the cells its killed run left in ``out_dir/NAME.partial.jsonl``
+    (a benchmark that trains continues its runs from their checkpoints)."""
     bench = BENCHMARKS[name]
-    options = {"recipes": recipes} if bench.uses_recipes else {}
-    data = {**bench.run(quick=quick, progress=progress, **options), "fid_scored_as": FID_SCORED_AS}
     out_dir = Path(out_dir)
+    stem = f"{name}{'-quick' if quick else ''}"
+    options: dict = {"recipes": recipes} if bench.uses_recipes else {}
+    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume) if bench.resumable else None
+    if cells is not None:
+        options["cells"] = cells
+    elif resume:
+        raise InputError(f"`fastdiff bench {name}` cannot resume; resumable: {', '.join(n for n, b in BENCHMARKS.items() if b.resumable)}")
+    data = {**bench.run(quick=quick, progress=progress, **options), "fid_scored_as": FID_SCORED_AS}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}{'-quick' if quick else ''}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path = out_dir / f"{stem}.json"
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
+    if cells is not None:
+        cells.done()
     if not quick:
         write_report(out_dir, report, readme)
     return path

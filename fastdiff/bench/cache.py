@@ -150,14 +150,15 @@ def unet_cache_entries() -> list[tuple[str, str, str, Callable]]:
 
 
 def bench_cache_unet(quick: bool = False, progress: bool = True) -> dict:
-    """``fastdiff bench cache-unet``: the same measurement on the shipped digits UNet teacher."""
-    return bench_cache(quick, progress, teacher="digits")
+    """``fastdiff bench cache-unet``: the same measurement on the shipped Fashion-MNIST UNet teacher (DeepCache-style)."""
+    return bench_cache(quick, progress, teacher="fashion-mnist")
 
 
-def bench_cache(quick: bool = False, progress: bool = True, only: str | None = None, teacher: str = "fashion-mnist",
+def bench_cache(quick: bool = False, progress: bool = True, only: str | None = None, teacher: str = "fashion-mnist-dit",
                 step_counts: tuple[int, ...] | None = None, router_granularities: tuple[str, ...] = ("attn-mlp",)) -> dict:  # fmt: skip
     """``only``: run just the rows whose method contains one of these comma-separated texts (for exploring);
-    ``teacher``: fashion-mnist (the DiT: fastdiff's and diffusers' caches) or digits (the UNet: DeepCache-style);
+    ``teacher``: a shipped teacher; a DiT (fashion-mnist-dit) gets fastdiff's and diffusers' transformer caches, a
+    UNet (fashion-mnist, digits) the DeepCache-style ones;
     ``step_counts``: default 20 and 50; ``router_granularities``: see :func:`cache_entries` (e.g. ``only="learned
     router", step_counts=(20,), router_granularities=("block", "attn-mlp")`` compares the router's units)."""
     from tqdm.auto import tqdm
@@ -168,14 +169,14 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
     from fastdiff.eval.extractors import load_extractor
     from fastdiff.eval.metrics import FeatureSet, extract_features, fid
     from fastdiff.pipelines.class_conditional import load_pipeline
-    from fastdiff.eval.assets import teacher_path
+    from fastdiff.eval.assets import teacher_dataset, teacher_path
     from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
     n = 8 if quick else 250
     step_counts = tuple(step_counts or ((6,) if quick else (20, 50)))
     repeats = 1 if quick else 2
-    extractor = load_extractor(teacher)
-    test = source_features(load_source(f"{teacher}:test", 1), extractor, progress=progress)
+    extractor = load_extractor(teacher_dataset(teacher))
+    test = source_features(load_source(f"{teacher_dataset(teacher)}:test", 1), extractor, progress=progress)
     _PREPARED.clear()
 
     def features(images):
@@ -191,7 +192,8 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
         images = sample_pipeline(pipe, n, steps, 1.0, seed=0).images
         return images, time.perf_counter() - start
 
-    entries = cache_entries(quick, router_granularities) if teacher == "fashion-mnist" else unet_cache_entries()
+    dit = not type(fresh().model).__name__.startswith("UNet")
+    entries = cache_entries(quick, router_granularities) if dit else unet_cache_entries()
     entries = [e for e in entries if only is None or any(o in e[1] for o in only.split(","))]
     rows, baselines = [], {}
     bar = tqdm(total=len(step_counts) * len(entries), desc="cache", disable=not progress)
@@ -219,9 +221,9 @@ def bench_cache(quick: bool = False, progress: bool = True, only: str | None = N
             bar.update()
         baselines[str(steps)]["seconds_min"] = min(baselines[str(steps)]["seconds"])
     bar.close()
-    result = {"machine": machine(), "quick": quick, "teacher": teacher, "num_samples": n, "steps": list(step_counts),
+    result = {"machine": machine(), "quick": quick, "teacher": teacher, "model": "dit" if dit else "unet", "num_samples": n, "steps": list(step_counts),
               "repeats": repeats, "uncached": baselines, "rows": rows}  # fmt: skip
-    if teacher == "fashion-mnist" and only is None and step_counts == (20, 50):  # the full benchmark
+    if dit and only is None and step_counts == (20, 50):  # the full benchmark
         result["router_units"] = router_units(progress=progress)
     return result
 
@@ -267,9 +269,9 @@ def targets(data: dict) -> dict:
 def render_cache(data: dict) -> list[str]:
     from fastdiff.bench.common import fmt as _fmt
 
-    unet = data.get("teacher") == "digits"
-    model = ("the shipped digits UNet teacher (DeepCache-style: down_blocks.1, mid_block and up_blocks.0 reused, the outer "
-             "pair always fresh)") if unet else "the shipped Fashion-MNIST DiT teacher (6 blocks)"  # fmt: skip
+    unet = data.get("model", "unet" if data.get("teacher") == "digits" else "dit") == "unet"
+    model = (f"the shipped {data['teacher']} UNet teacher (DeepCache-style: the inner blocks reused, the outermost down and "
+             "up blocks always fresh)") if unet else f"the shipped {data['teacher']} DiT teacher (6 blocks)"  # fmt: skip
     lines = ["## Feature caching" + (" on a UNet" if unet else ""), "",
              f"`fastdiff bench {'cache-unet' if unet else 'cache'}`: {model}, DDIM, {data['num_samples']} images per row with",
              "the same seeds; speed-up = wall-clock of the uncached pipeline / this row, each the fastest of "

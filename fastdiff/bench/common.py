@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fastdiff.errors import InputError
 
-__all__ = ["BENCH_DIR", "RECIPES_DIR", "FID_SCORED_AS", "machine", "mean_std", "fmt", "atomic_write", "recipe_file"]
+__all__ = ["BENCH_DIR", "RECIPES_DIR", "FID_SCORED_AS", "machine", "mean_std", "fmt", "atomic_write", "recipe_file", "Cells"]
 
 # Defaults relative to the current directory (a checkout's root reproduces the repository's files); nothing is ever
 # written next to the installed package.
@@ -65,3 +68,44 @@ def recipe_file(name: str, recipes_dir: str | Path = RECIPES_DIR) -> Path:
     if not path.is_file():
         raise InputError(f"no recipe {path}; run from a fastdiff checkout or pass --recipes DIR (a copy of the repository's recipes/)")
     return path
+
+
+class Cells:
+    """The finished cells of a long benchmark, appended to a JSON-lines file as each one finishes, so that a run
+    killed half-way continues where it stopped (``fastdiff bench NAME --resume``) instead of starting over.
+
+    ``cells(key, compute)`` returns the value stored under ``key`` when resuming, else ``compute()`` (JSON-able),
+    stored at once. ``path=None``: nothing is stored (a plain run). A file left by an interrupted run is never
+    silently replaced: without ``resume`` it is refused, naming the file and the two ways on. :meth:`done` removes
+    it once the benchmark's JSON is written."""
+
+    def __init__(self, path: Path | None, resume: bool = False):
+        self.path, self.resume, self.found = path, resume, {}
+        if path is None or not path.is_file():
+            return
+        if not resume:
+            raise InputError(f"{path} holds the finished cells of an interrupted run; pass --resume to continue it, "
+                             "or delete the file to start over")  # fmt: skip
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill: that cell runs again
+                continue
+            self.found[record["key"]] = record["value"]
+
+    def __call__(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key in self.found:
+            return self.found[key]
+        value = compute()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.found[key] = value
+        return value
+
+    def done(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -1,24 +1,30 @@
-"""``fastdiff bench distill``: consistency students side by side with their teacher, and the trainer's overhead.
+"""``fastdiff bench distill`` / ``distill-fashion-mnist``: distilled students side by side with their teacher.
 
-On digits, in one run: each consistency recipe (iCT, iLCT, CD) is trained as written in ``recipes/``, its EMA
-student is scored with the domain FID of 1- and 2-step samples (several seeds), next to the teacher at 50 NFE and
-the best fastdiff ODE sampler on the teacher at the same NFE, with the wall-clock minutes each took on this
-machine. The trainer's overhead: steps/s of :func:`fastdiff.training.trainer.train` against a plain PyTorch loop doing the
-same computation (same objective, batches, optimiser, clipping, EMA), measured alternately in the same process.
+In one run per data set: each recipe of the set is trained as written in ``recipes/``, its EMA student is scored
+with the domain FID of 1-, 2- (and 4-) step samples (several seeds), next to the teacher at 50 NFE and the best
+fastdiff ODE sampler on the teacher at the same NFE, with the wall-clock minutes each training took on this
+machine. Digits trains in a temporary folder; Fashion-MNIST's trainings are long on a CPU, so they go to
+``runs/bench/distill-fashion-mnist/NAME`` (relative to the current directory) and ``--resume`` continues them from
+their checkpoints (or takes a finished student of the same recipe) after a kill. On digits, also the trainer's
+overhead: steps/s of :func:`fastdiff.training.trainer.train` against a plain PyTorch loop doing the same computation
+(same objective, batches, optimiser, clipping, EMA), measured alternately in the same process.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["DISTILL_RECIPES", "bench_distill", "trainer_overhead", "render_distill"]
+__all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill", "bench_distill_fashion", "trainer_overhead", "render_distill"]
 
 # label -> (recipe, overrides): iLCT is run as written and without its minibatch OT pairing (the switch that decides
 # the recipe's default on digits).
@@ -28,62 +34,127 @@ DISTILL_RECIPES = {
     "iLCT without OT": ("recipes/ilct_digits.yaml", ("consistency.ot=false",)),
     "CD (LCM-style)": ("recipes/cd_digits.yaml", ()),
 }
+# the Fashion-MNIST students of the shipped UNet teacher (each run's folder: the label's first word, lower case)
+FASHION_RECIPES = {
+    "CD (LCM-style)": ("recipes/cd_fashion_mnist.yaml", ()),
+}
 TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), ("HB-DPM-Solver++(2M)", "hb-dpmpp-2m", {}),
                     ("iPNDM", "ipndm", {}), ("S-PNDM", "s-pndm", {}))  # fmt: skip
 
 
-def _fid_seeds(sample, extractor, reference, seeds) -> dict:
+@dataclass(frozen=True)
+class DistillSet:
+    """One data set's row family: its shipped teacher (= the data set's name), recipes, samples per FID, the student
+    step counts, and where the trainings go (None: a temporary folder)."""
+
+    recipes: dict[str, tuple[str, tuple[str, ...]]]
+    num_samples: int
+    student_steps: tuple[int, ...]
+    runs: Path | None = None
+
+
+DISTILL_SETS = {
+    "digits": DistillSet(DISTILL_RECIPES, 360, (1, 2)),
+    "fashion-mnist": DistillSet(FASHION_RECIPES, 500, (1, 2, 4), Path("runs/bench/distill-fashion-mnist")),
+}
+
+
+def _fid_seeds(sample, extractor, reference, seeds, cells, key) -> dict:
     from fastdiff.bench.common import mean_std as _mean_std
     from fastdiff.eval.metrics import fid_of_samples
 
-    return _mean_std([fid_of_samples(sample(seed), extractor, reference) for seed in seeds])
+    return _mean_std([cells(f"{key} seed={seed}", lambda seed=seed: fid_of_samples(sample(seed), extractor, reference)) for seed in seeds])
 
 
 def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes") -> dict:
-    """Train each recipe of :data:`DISTILL_RECIPES` (read from the folder ``recipes``) and score it; the JSON record."""
-    from fastdiff.bench.common import machine, recipe_file
-    from fastdiff.pipelines import make_scheduler
-    from fastdiff.training.config import load_config
-    from fastdiff.training.distill import DistillRecipe, run_distill, sample_student
-    from fastdiff.eval.sources import load_source, source_features
-    from fastdiff.eval.extractors import load_extractor
-    from fastdiff.pipelines.class_conditional import load_pipeline
-    from fastdiff.eval.assets import teacher_path
-    from fastdiff.pipelines.sampling import sample_pipeline
-
-    paths = {label: recipe_file(path, recipes) for label, (path, _) in DISTILL_RECIPES.items()}  # all found before any work
-    seeds = (0,) if quick else (0, 1, 2)
-    n = 60 if quick else 360
-    extractor = load_extractor("digits")
-    reference = source_features(load_source("digits:test", 1), extractor)
-    teacher = load_pipeline(teacher_path("digits"))
-    base = dict(teacher.scheduler.config)
-
-    def teacher_fid(name, overrides, steps):
-        teacher.scheduler = make_scheduler(name, base, **overrides)
-        return _fid_seeds(lambda s: sample_pipeline(teacher, n, steps, 1.0, s).images, extractor, reference, seeds)
-
-    result = {"machine": machine(), "quick": quick, "num_samples": n, "seeds": list(seeds), "teacher_50nfe": teacher_fid("ddim", {}, 50)}
-    result["teacher_samplers"] = {label: {str(k): teacher_fid(name, o, k) for k in (1, 2)} for label, name, o in TEACHER_SAMPLERS}
-    runs = Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
-    rows = []
-    for i, (label, (path, switches)) in enumerate(DISTILL_RECIPES.items()):
-        overrides = [*switches, f"output_dir={runs / str(i)}", "trainer.tracker=none", "trainer.eval_every=0", f"eval.num_samples={n}"]
-        if quick:
-            overrides += ["trainer.steps=6", "trainer.batch_size=32", "trainer.checkpoint_every=1000"]
-        recipe = load_config(DistillRecipe, paths[label], overrides)
-        start = time.perf_counter()
-        student = run_distill(recipe, progress=progress)
-        minutes = (time.perf_counter() - start) / 60
-        pipe = load_pipeline(student)
-        fids = {str(k): _fid_seeds(lambda s, k=k: sample_student(recipe, pipe.model, pipe.scheduler, n, k, s), extractor, reference, seeds)
-                for k in (1, 2)}  # fmt: skip
-        rows.append({"objective": label, "recipe": path, "overrides": list(switches), "steps": recipe.trainer.steps,
-                     "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids})  # fmt: skip
-    shutil.rmtree(runs, ignore_errors=True)
-    result["rows"] = rows
+    """``fastdiff bench distill``: the digits students (:data:`DISTILL_RECIPES`, read from the folder ``recipes``) and
+    the trainer's overhead; the JSON record."""
+    result = _bench_set("digits", quick, progress, recipes)
     result["trainer_overhead"] = trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes)
     return result
+
+
+def bench_distill_fashion(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None) -> dict:
+    """``fastdiff bench distill-fashion-mnist``: the students of the shipped Fashion-MNIST teacher
+    (:data:`FASHION_RECIPES`); ``cells``' resume flag continues killed trainings and keeps finished FIDs."""
+    return _bench_set("fashion-mnist", quick, progress, recipes, cells)
+
+
+def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cells: Any = None) -> dict:
+    from fastdiff.bench.common import Cells, machine, recipe_file
+    from fastdiff.eval.assets import teacher_path
+    from fastdiff.eval.extractors import load_extractor
+    from fastdiff.eval.sources import load_source, source_features
+    from fastdiff.pipelines import make_scheduler
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.sampling import sample_pipeline
+
+    spec, cells = DISTILL_SETS[name], cells or Cells(None)
+    paths = {label: recipe_file(path, recipes) for label, (path, _) in spec.recipes.items()}  # all found before any work
+    seeds = (0,) if quick else (0, 1, 2)
+    n = 60 if quick else spec.num_samples
+    steps = spec.student_steps
+    extractor = load_extractor(name)
+    reference = source_features(load_source(f"{name}:test", 1), extractor)
+    teacher = load_pipeline(teacher_path(name))
+    base = dict(teacher.scheduler.config)
+
+    def teacher_fid(sampler, overrides, k):
+        teacher.scheduler = make_scheduler(sampler, base, **overrides)
+        return _fid_seeds(lambda s: sample_pipeline(teacher, n, k, 1.0, s).images, extractor, reference, seeds, cells,
+                          f"n={n} teacher {sampler} {sorted(overrides.items())} nfe={k}")  # fmt: skip
+
+    result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": n, "seeds": list(seeds), "student_steps": list(steps),
+              "teacher_50nfe": teacher_fid("ddim", {}, 50)}  # fmt: skip
+    result["teacher_samplers"] = {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}
+    runs = spec.runs if spec.runs is not None and not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
+    rows = []
+    for i, (label, (path, switches)) in enumerate(spec.recipes.items()):
+        out = runs / (label.split()[0].lower() if runs == spec.runs else str(i))
+        recipe, minutes = _train(paths[label], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n,
+                                 temporary=runs != spec.runs)  # fmt: skip
+        pipe = load_pipeline(out / "student")
+        fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
+                                   f"n={n} {label} {minutes:.4f} steps={k}") for k in steps}  # fmt: skip
+        rows.append({"objective": label, "recipe": path, "overrides": list(switches), "steps": recipe.trainer.steps,
+                     "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student")})  # fmt: skip
+    if runs != spec.runs:
+        shutil.rmtree(runs, ignore_errors=True)
+    result["rows"] = rows
+    return result
+
+
+def _student_samples(recipe, pipe, n, steps, seed):
+    from fastdiff.training.distill import sample_student
+
+    return sample_student(recipe, pipe.model, pipe.scheduler, n, steps, seed)
+
+
+def _train(path: Path, overrides: list[str], quick: bool, progress: bool, cells: Any, n: int, temporary: bool) -> tuple[Any, float]:
+    """Train one recipe into its ``output_dir`` (continuing its checkpoints, or taking its finished student, when
+    resuming); the recipe and the training's wall-clock minutes (all resumed pieces)."""
+    from fastdiff.errors import InputError
+    from fastdiff.training.config import load_config, to_dict
+    from fastdiff.training.distill import DistillRecipe, run_distill
+
+    overrides = [*overrides, "trainer.eval_every=0", f"eval.num_samples={n}"] if temporary else overrides
+    if quick:
+        overrides += ["trainer.steps=6", "trainer.batch_size=32", "trainer.checkpoint_every=1000"]
+    recipe = load_config(DistillRecipe, path, overrides)
+    out = Path(recipe.output_dir)
+    student = out / "student" / "training.json"
+    if out.exists() and not temporary and not cells.resume:
+        raise InputError(f"{out} holds an earlier benchmark training; pass --resume to continue it (or take its finished "
+                         "student), or delete the folder to start over")  # fmt: skip
+    if student.is_file():
+        done = json.loads(student.read_text())
+        if done["recipe"] != to_dict(recipe):
+            raise InputError(f"{out / 'student'} was trained from another recipe than {path}; delete {out} to retrain it")
+        return recipe, done.get("wall_minutes_all_pieces", done["wall_minutes_this_run"])
+    start = time.perf_counter()
+    run_distill(recipe, resume="latest" if (out / "checkpoints").is_dir() else None, progress=progress)
+    done = json.loads(student.read_text())
+    return recipe, done.get("wall_minutes_all_pieces", (time.perf_counter() - start) / 60)
 
 
 def trainer_overhead(steps: int = 40, repeats: int = 3, recipes: str | Path = "recipes") -> dict:
@@ -142,27 +213,32 @@ def render_distill(data: dict) -> list[str]:
     def ms(d):
         return f"{_fmt(d['mean'])} ± {_fmt(d['std'])}"
 
+    name = data.get("dataset", "digits")
+    steps = [str(k) for k in data.get("student_steps", (1, 2))]
     t = data["teacher_50nfe"]
-    best = {k: min(((label, v[k]) for label, v in data["teacher_samplers"].items()), key=lambda x: x[1]["mean"]) for k in ("1", "2")}
+    best = {k: min(((label, v[k]) for label, v in data["teacher_samplers"].items()), key=lambda x: x[1]["mean"]) for k in steps}
+    where = ("trained as written (`fastdiff train RECIPE`) in this run" if name == "digits" else
+             "trained as written (`fastdiff train RECIPE`, continued with `--resume` where a session ended)")  # fmt: skip
     lines = [
-        "## Consistency students (digits)",
+        f"## Distilled students ({name})",
         "",
-        f"Domain FID of {data['num_samples']} samples against the digits test split, mean ± std over seeds {data['seeds']}; each recipe",
-        f"trained as written (`fastdiff train RECIPE`) in this run; minutes are wall-clock on this machine with "
-        f"{data['machine']['torch_threads']} torch thread(s). On every",
+        f"Domain FID of {data['num_samples']} samples against the {name} test split, mean ± std over seeds {data['seeds']}; each recipe",
+        f"{where}; minutes are wall-clock on this machine with {data['machine']['torch_threads']} torch thread(s). On every",
         f"row, the shipped teacher at 50 NFE (DDIM): {ms(t)}, and the best fastdiff ODE sampler on the teacher at the same NFE",
         f"(of {', '.join(data['teacher_samplers'])}).",
         "",
-        "| objective | recipe | steps x batch | minutes | 1-step FID | 2-step FID | teacher @ 50 NFE | best fastdiff sampler @ 1 / 2 NFE | 1-step / teacher |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| objective | recipe | steps x batch | minutes | " + " | ".join(f"{k}-step FID" for k in steps) + " | teacher @ 50 NFE | "
+        f"best fastdiff sampler @ {' / '.join(steps)} NFE | 1-step / teacher |",
+        "|---|---|---|---|" + "---|" * len(steps) + "---|---|---|",
+    ]  # fmt: skip
     for r in data["rows"]:
         recipe = " ".join([f"`{r['recipe']}`", *(f"`--set {o}`" for o in r.get("overrides", ()))])
-        lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | {ms(r['fid']['1'])} | "
-                     f"{ms(r['fid']['2'])} | {ms(t)} | {best['1'][0]} {_fmt(best['1'][1]['mean'])} / {best['2'][0]} "
-                     f"{_fmt(best['2'][1]['mean'])} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip
-    o = data["trainer_overhead"]
-    lines += ["", f"Trainer overhead ({o['objective']}, batch {o['batch_size']}): {o['fastdiff_s_per_step'] * 1000:.0f} ms per step in "
-              f"`fastdiff.training.trainer.train` vs {o['plain_s_per_step'] * 1000:.0f} ms in a plain PyTorch loop doing the same computation: "
-              f"**{o['overhead']:+.1%}** (target <= 5%)."]  # fmt: skip
+        samplers = " / ".join(f"{best[k][0]} {_fmt(best[k][1]['mean'])}" for k in steps)
+        lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | "
+                     + " | ".join(ms(r["fid"][k]) for k in steps) + f" | {ms(t)} | {samplers} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip
+    o = data.get("trainer_overhead")
+    if o:
+        lines += ["", f"Trainer overhead ({o['objective']}, batch {o['batch_size']}): {o['fastdiff_s_per_step'] * 1000:.0f} ms per step in "
+                  f"`fastdiff.training.trainer.train` vs {o['plain_s_per_step'] * 1000:.0f} ms in a plain PyTorch loop doing the same computation: "
+                  f"**{o['overhead']:+.1%}** (target <= 5%)."]  # fmt: skip
     return lines

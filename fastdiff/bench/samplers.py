@@ -57,11 +57,12 @@ def _divergence(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, f
     return float((peak > 1.5).float().mean()), float((peak > torch.clamp(2 * ref_peak, min=1.5)).float().mean())
 
 
-def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int | None = None) -> dict:
-    """The whole sampler benchmark (see the module docstring); returns the JSON record."""
+def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int | None = None, cells: Any = None) -> dict:
+    """The whole sampler benchmark (see the module docstring); returns the JSON record. ``cells``: a
+    :class:`fastdiff.bench.common.Cells` that keeps each finished cell (``fastdiff bench samplers --resume``)."""
     from tqdm.auto import tqdm
 
-    from fastdiff.bench.common import machine
+    from fastdiff.bench.common import Cells, machine
     from fastdiff.bench.oracle import bench_samplers_oracle
     from fastdiff.eval.sources import load_source, source_features
     from fastdiff.eval.extractors import load_extractor
@@ -70,6 +71,7 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     from fastdiff.eval.assets import teacher_path
     from fastdiff.pipelines.sampling import sample_pipeline
 
+    cells = cells or Cells(None)
     n = num_samples or (8 if quick else 250)
     guidances, nfes = ((1.0, 6.0), (6, 15)) if quick else ((1.0, 3.0, 6.0, 10.0), (4, 6, 8, 10, 15, 20))
     pipe = load_pipeline(teacher_path("fashion-mnist"))
@@ -80,35 +82,45 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     def features(images):  # of the images users see: clipped to [-1, 1]
         return FeatureSet.from_features(extract_features(extractor, images.clamp(-1, 1)))
 
+    def cell(g, ref, ref_features, label, name, overrides, extra, nfe) -> dict:
+        pipe.scheduler = make_scheduler(name, base, **overrides)
+        start = time.perf_counter()
+        s = sample_pipeline(pipe, n, nfe - extra, g, seed=0)
+        seconds = time.perf_counter() - start
+        feats = features(s.images)
+        out_of_range, diverged = _divergence(s.images, ref.images)
+        return {
+            "sampler": label, "source": _source(name), "guidance": g, "nfe": s.nfe, "steps": nfe - extra,
+            "fid_test": fid(feats, test), "fid_converged": fid(feats, ref_features),
+            "rmse_to_converged": float((s.images - ref.images).flatten(1).pow(2).mean(1).sqrt().mean()),
+            "out_of_range": out_of_range, "diverged": diverged, "seconds": round(seconds, 2),
+        }  # fmt: skip
+
     runs = [(entry, nfe) for entry in SAMPLER_ENTRIES for nfe in nfes if nfe - entry[3] >= MIN_STEPS.get(entry[1], 1)]
     bar = tqdm(total=(len(runs) + 1) * len(guidances), desc="samplers", disable=not progress)
     rows, references = [], {}
     for g in guidances:
+        keys = [f"n={n} w={g} {entry[0]} nfe={nfe}" for entry, nfe in runs]
+        if all(k in cells.found for k in keys):  # a resumed run: this guidance scale is finished, its reference too
+            rows += [cells(k, dict) for k in keys]
+            references[str(g)] = cells(f"n={n} w={g} reference", dict)
+            bar.update(len(runs) + 1)
+            continue
         pipe.scheduler = make_scheduler(REFERENCE[1], base)
         ref = sample_pipeline(pipe, n, REFERENCE[2], g, seed=0)
         ref_features = features(ref.images)
-        references[str(g)] = {"sampler": REFERENCE[0], "nfe": ref.nfe, "fid_test": fid(ref_features, test),
-                              "out_of_range": _divergence(ref.images, ref.images)[0]}  # fmt: skip
+        references[str(g)] = cells(f"n={n} w={g} reference", lambda: {
+            "sampler": REFERENCE[0], "nfe": ref.nfe, "fid_test": fid(ref_features, test), "out_of_range": _divergence(ref.images, ref.images)[0]})  # fmt: skip
         bar.update()
-        for (label, name, overrides, extra), nfe in runs:
-            pipe.scheduler = make_scheduler(name, base, **overrides)
-            start = time.perf_counter()
-            s = sample_pipeline(pipe, n, nfe - extra, g, seed=0)
-            seconds = time.perf_counter() - start
-            feats = features(s.images)
-            out_of_range, diverged = _divergence(s.images, ref.images)
-            rows.append({
-                "sampler": label, "source": _source(name), "guidance": g, "nfe": s.nfe, "steps": nfe - extra,
-                "fid_test": fid(feats, test), "fid_converged": fid(feats, ref_features),
-                "rmse_to_converged": float((s.images - ref.images).flatten(1).pow(2).mean(1).sqrt().mean()),
-                "out_of_range": out_of_range, "diverged": diverged, "seconds": round(seconds, 2),
-            })  # fmt: skip
+        for key, ((label, name, overrides, extra), nfe) in zip(keys, runs):
+            rows.append(cells(key, lambda: cell(g, ref, ref_features, label, name, overrides, extra, nfe)))  # noqa: B023 (called at once)
             bar.update()
     bar.close()
     return {
         "machine": machine(), "quick": quick, "teacher": "fashion-mnist", "num_samples": n, "guidance": list(guidances),
-        "nfe": list(nfes), "reference": references, "rows": rows, "overhead": scheduler_overhead(pipe, base, quick),
-        "oracle": bench_samplers_oracle(quick=quick, progress=progress),
+        "nfe": list(nfes), "reference": references, "rows": rows,
+        "overhead": cells(f"overhead quick={quick}", lambda: scheduler_overhead(pipe, base, quick)),
+        "oracle": cells(f"oracle quick={quick}", lambda: bench_samplers_oracle(quick=quick, progress=progress)),
     }  # fmt: skip
 
 

@@ -7,52 +7,63 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fastdiff.bench.common import fmt, machine, mean_std
+from fastdiff.bench.common import Cells, fmt, machine, mean_std
 
-__all__ = ["bench_teachers", "render_teachers"]
+__all__ = ["TEACHER_ROWS", "bench_teachers", "render_teachers"]
 
 
-def bench_teachers(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), progress: bool = True) -> dict:
+# (shipped teacher, samples per seed): the earlier Fashion-MNIST DiT stays as the row the new teacher is judged against
+TEACHER_ROWS = (("digits", 360), ("fashion-mnist", 2000), ("fashion-mnist-dit", 2000))
+
+
+def bench_teachers(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), progress: bool = True, cells: Any = None) -> dict:
     """Each shipped teacher's domain FID at 50 NFE against the test split, the train-vs-test floor at the same sample
-    count, the FID of a set against itself, the spread over seeds, and the Inception path end to end."""
+    count, the FID of a set against itself, the spread over seeds, and the Inception path end to end. ``cells``: a
+    :class:`fastdiff.bench.common.Cells` keeping each finished (teacher, seed) for ``--resume``."""
     from fastdiff.eval.sources import load_source, source_features
     from fastdiff.eval.assets import ASSETS
     from fastdiff.eval.extractors import load_extractor
     from fastdiff.eval.metrics import fid
     from fastdiff.pipelines.class_conditional import load_pipeline
-    from fastdiff.eval.assets import teacher_path
+    from fastdiff.eval.assets import teacher_dataset, teacher_path
     from fastdiff.eval.metrics import fid_of_samples
     from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
+    cells = cells or Cells(None)
     result = {"machine": machine(), "quick": quick, "teachers": {}}
-    for name, n_full in (("digits", 360), ("fashion-mnist", 2000)):
+    for name, n_full in TEACHER_ROWS:
         n = 100 if quick else n_full
-        extractor = load_extractor(name)
-        test = source_features(load_source(f"{name}:test", 1), extractor, progress=progress)
-        train_images = load_source(f"{name}:train", 1).images
+        data = teacher_dataset(name)
+        extractor = load_extractor(data)
+        test = source_features(load_source(f"{data}:test", 1), extractor, progress=progress)
+        train_images = load_source(f"{data}:train", 1).images
         pipe = load_pipeline(teacher_path(name))
         pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
-        teacher, floor = [], []
-        start = time.perf_counter()
-        for seed in seeds:
-            samples = sample_pipeline(pipe, n, 50, 1.0, seed, progress=progress)
-            teacher.append(fid_of_samples(samples.images, extractor, test))
-        seconds = (time.perf_counter() - start) / len(seeds)
+
+        def one_seed(seed):
+            start = time.perf_counter()
+            samples = sample_pipeline(pipe, n, 50, 1.0, seed, progress=progress)  # noqa: B023 (called at once)
+            return {"fid": fid_of_samples(samples.images, extractor, test), "nfe": samples.nfe, "seconds": time.perf_counter() - start}  # noqa: B023
+
+        runs = [cells(f"{name} n={n} seed={seed}", lambda seed=seed: one_seed(seed)) for seed in seeds]
+        teacher, floor = [r["fid"] for r in runs], []
+        seconds = sum(r["seconds"] for r in runs) / len(seeds)
         for seed in seeds:
             pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
             floor.append(fid_of_samples(train_images[pick], extractor, test))
         training = json.loads((teacher_path(name) / "training.json").read_text())
-        extractor_record = json.loads((ASSETS / "extractors" / name / "config.json").read_text())
+        extractor_record = json.loads((ASSETS / "extractors" / data / "config.json").read_text())
         result["teachers"][name] = {
-            "num_samples": n, "reference": f"{name}:test ({test.n} images)", "nfe": samples.nfe,
+            "num_samples": n, "reference": f"{data}:test ({test.n} images)", "nfe": runs[0]["nfe"],
             "teacher_fid_50nfe": mean_std(teacher), "train_vs_test_floor": mean_std(floor),
             "self_fid": fid(test, test), "sampling_seconds_per_seed": round(seconds, 1),
             "teacher_params": training["parameters"], "teacher_train_minutes": training["wall_minutes"],
             "teacher_steps": training["steps"], "model": training["recipe"]["model"]["kind"],
-            "extractor_test_accuracy": extractor_record["test_accuracy"],
+            "extractor_test_accuracy": extractor_record["test_accuracy"], "trained_on": training.get("trained_on", "CPU"),
         }  # fmt: skip
     result["inception"] = _inception_path()
     return result

@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {write_report(Path(args.out), Path(args.report), Path(args.readme))}")
         return
     path = run_bench(args.name, args.quick, progress=not args.no_progress, out_dir=Path(args.out), report=Path(args.report),
-                     readme=Path(args.readme), recipes=Path(args.recipes))  # fmt: skip
+                     readme=Path(args.readme), recipes=Path(args.recipes), resume=args.resume)  # fmt: skip
     print(f"wrote {path}")
 
 

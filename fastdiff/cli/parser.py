@@ -155,11 +155,12 @@ def _add_bench(sub: Subparsers) -> None:
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md",
                        description="Every output goes where the options say, relative to the current directory: run it "
                        "from a checkout's root to regenerate the repository's benchmarks/, BENCHMARKS.md and README.md.")  # fmt: skip
-    p.add_argument("name", choices=("teachers", "samplers", "distill", "cache", "cache-unet", "report"),
+    p.add_argument("name", choices=("teachers", "samplers", "distill", "distill-fashion-mnist", "cache", "cache-unet", "report"),
                    help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
-                        "Gaussian-mixture oracle, scheduler overhead); distill: consistency students vs their teacher and the "
-                        "trainer's overhead; cache: feature-cache policies vs uncached and diffusers' caches (DiT); cache-unet: "
-                        "DeepCache-style caching of the digits UNet; report: only "
+                        "Gaussian-mixture oracle, scheduler overhead); distill: digits students vs their teacher and the "
+                        "trainer's overhead; distill-fashion-mnist: the Fashion-MNIST students (trainings kept in runs/bench, "
+                        "--resume continues them); cache: feature-cache policies vs uncached and diffusers' caches (the "
+                        "fashion-mnist-dit teacher); cache-unet: DeepCache-style caching of the Fashion-MNIST UNet; report: only "
                         "regenerate BENCHMARKS.md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")
@@ -168,6 +169,9 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--readme", default="README.md", metavar="FILE",
                    help="also regenerate the benchmark section between this file's markers, when it exists (default %(default)s)")
     p.add_argument("--recipes", default="recipes", metavar="DIR", help="distill: the folder of the recipes it trains (default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run: teachers, samplers and distill-fashion-mnist keep each finished cell or training "
+                        "checkpoint (in --out / runs/bench) and skip it when resumed")  # fmt: skip
     p.set_defaults(func=commands.cmd_bench)
 
 

@@ -10,14 +10,17 @@ from pathlib import Path
 
 from fastdiff.errors import InputError
 
-__all__ = ["ASSETS", "TEACHERS", "teacher_path", "student_path", "pipeline_path"]
+__all__ = ["ASSETS", "TEACHERS", "teacher_path", "teacher_dataset", "student_path", "pipeline_path"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TEACHERS = ("fashion-mnist", "digits")
+# shipped teacher -> the data set it models (its test split and domain extractor); fashion-mnist-dit is the earlier
+# Fashion-MNIST teacher, kept for the cache benchmark's comparison with diffusers' transformer cache hooks
+TEACHER_DATA = {"fashion-mnist": "fashion-mnist", "digits": "digits", "fashion-mnist-dit": "fashion-mnist"}
+TEACHERS = tuple(TEACHER_DATA)
 
 
 def teacher_path(name: str) -> Path:
-    """The folder of a shipped teacher pipeline (``fashion-mnist`` or ``digits``)."""
+    """The folder of a shipped teacher pipeline (``fashion-mnist``, ``digits`` or ``fashion-mnist-dit``)."""
     if name not in TEACHERS:
         raise InputError(f"unknown teacher {name!r}; expected one of {', '.join(TEACHERS)}")
     path = ASSETS / "teachers" / name
@@ -25,6 +28,12 @@ def teacher_path(name: str) -> Path:
         raise InputError(f"the shipped teacher {path} is missing; reinstall fastdiff, or retrain it from a checkout with "
                          f"`fastdiff train recipes/teacher_{name.replace('-', '_')}.yaml`")  # fmt: skip
     return path
+
+
+def teacher_dataset(name: str) -> str:
+    """The data set a shipped teacher models: the name of its test split (``NAME:test``) and domain extractor."""
+    teacher_path(name)  # an unknown name is refused the same way
+    return TEACHER_DATA[name]
 
 
 def student_path(teacher: str) -> Path | None:

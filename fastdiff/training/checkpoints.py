@@ -29,9 +29,11 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, keep: int, ema, data_state: dict | None = None) -> Path:
-    """``save_state`` and the EMA (safetensors) into ``.tmp-step_N``, a manifest (step, recipe, file hashes), then an
-    atomic rename; old checkpoints beyond ``keep`` are removed."""
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, keep: int, ema, data_state: dict | None = None,
+                    elapsed_s: float | None = None) -> Path:  # fmt: skip
+    """``save_state`` and the EMA (safetensors) into ``.tmp-step_N``, a manifest (step, recipe, file hashes, the
+    training seconds spent up to this step over all resumed pieces), then an atomic rename; old checkpoints beyond
+    ``keep`` are removed."""
     from safetensors.torch import save_file
 
     final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".tmp-step_{step:08d}"
@@ -45,7 +47,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, fingerprint: dict, k
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "recipe": fingerprint, "files": _digest(tmp)}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "recipe": fingerprint, "files": _digest(tmp), "elapsed_s": elapsed_s}, indent=1))
         if final.exists():  # a corrupt checkpoint of the same step that resume skipped: replace it
             stale = ckpt_dir / f".stale-step_{step:08d}"
             shutil.rmtree(stale, ignore_errors=True)

@@ -312,6 +312,7 @@ def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out
     (tmp / "training.json").write_text(json.dumps({
         "recipe": to_dict(recipe), "command": " ".join(sys.argv), "steps": recipe.trainer.steps, "resumed_from_step": record["start_step"],
         "num_processes": record["num_processes"], "wall_minutes_this_run": round(seconds / 60, 2),
+        "wall_minutes_all_pieces": round(record["seconds_all_pieces"] / 60, 2),
         "final_eval": evals[-1] if evals else None, "parameters": sum(p.numel() for p in net.parameters()),
         "history": record["history"][-20:], "torch": torch.__version__,
     }, indent=2) + "\n")  # fmt: skip

@@ -112,7 +112,7 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     scheds = dict(zip(scheds, prepared[1 + len(optims) :]))
     frozen = _frozen_per_phase(optims)
     ema = EMA(accelerator.unwrap_model(model).export(), decay_from_half_life(cfg.ema_half_life) if cfg.ema_half_life else cfg.ema_decay)
-    start = 0
+    start, elapsed = 0, 0.0  # elapsed: training seconds of the earlier pieces of a resumed run
     if resume is not None:
         found = find_checkpoint(ckpt_dir, fingerprint, resume, log=accelerator.print)
         if found is not None:
@@ -120,7 +120,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
 
             accelerator.load_state(str(found))  # weights (safetensors), optimisers, schedulers, RNG: weights_only loads
             ema.model.load_state_dict(load_file(found / "ema.safetensors"))
-            start = json.loads((found / MANIFEST).read_text())["step"]
+            manifest = json.loads((found / MANIFEST).read_text())
+            start, elapsed = manifest["step"], manifest.get("elapsed_s") or 0.0
             accelerator.print(f"resumed from {found} (step {start})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     history: list[dict] = []
     last_ckpt = latest_good(ckpt_dir, fingerprint)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accelerator.is_main_process)
-    tick = time.perf_counter()
+    tick = began = time.perf_counter()
     terms: dict[str, Tensor] = {}  # each phase's latest terms and logs, on the device: read only at log steps
     for step in bar:
         shard = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
@@ -151,7 +152,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
             history.append({"step": step + 1, **logs})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             last_ckpt = save_checkpoint(accelerator, ckpt_dir, step + 1, fingerprint, cfg.keep_checkpoints, ema,
-                                        data_state=getattr(batches, "state_dict", lambda: None)())
+                                        data_state=getattr(batches, "state_dict", lambda: None)(),
+                                        elapsed_s=elapsed + time.perf_counter() - began)  # fmt: skip
         if evaluate is not None and accelerator.is_main_process and (
             (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps
         ):
@@ -164,7 +166,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     del model, optims, scheds, prepared
     accelerator.free_memory()
     accelerator.end_training()  # also ends the process group
-    record = {"history": history, "start_step": start, "num_processes": world, "is_main_process": main, "device": device}
+    record = {"history": history, "start_step": start, "num_processes": world, "is_main_process": main, "device": device,
+              "seconds_all_pieces": elapsed + time.perf_counter() - began}  # with a resumed run's earlier pieces (as checkpointed)
     return ema.model, record
 
 
