@@ -96,6 +96,18 @@ def test_sample_and_fid_defaults():
     assert (bench.out, bench.report, bench.readme, bench.recipes) == ("benchmarks", "BENCHMARKS.md", "README.md", "recipes")
 
 
+
+def test_quickstart_options_default_to_the_library_config():
+    """``fastdiff quickstart`` with no option runs exactly ``QuickstartConfig()`` (the CLI once said 500 samples and
+    4,8,16 steps while the library's default was 250 samples at 4,8: twice the documented ~3 minutes)."""
+    from fastdiff.cli import build_parser
+    from fastdiff.cli.commands import quickstart_config
+    from fastdiff.quickstart import QuickstartConfig
+
+    assert quickstart_config(build_parser().parse_args(["quickstart"])) == QuickstartConfig()
+    custom = quickstart_config(build_parser().parse_args(["quickstart", "--num-samples", "40", "--steps", "2,3", "--cache", "none"]))
+    assert (custom.num_samples, custom.steps, custom.cache) == (40, (2, 3), None)
+
 CLI = Path(__file__).resolve().parent.parent / "fastdiff" / "cli"
 COMPUTE_MODULES = {"torch", "numpy", "scipy", "PIL"}
 

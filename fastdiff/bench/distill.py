@@ -36,6 +36,7 @@ DISTILL_RECIPES = {
 }
 # the Fashion-MNIST students of the shipped UNet teacher (each run's folder: the label's first word, lower case)
 FASHION_RECIPES = {
+    "iCT": ("recipes/ict_fashion_mnist.yaml", ()),
     "CD (LCM-style)": ("recipes/cd_fashion_mnist.yaml", ()),
 }
 TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), ("HB-DPM-Solver++(2M)", "hb-dpmpp-2m", {}),

@@ -144,9 +144,9 @@ def cmd_fid(args: argparse.Namespace) -> None:
     _write_json(args.json, record)
 
 
-def cmd_quickstart(args: argparse.Namespace) -> None:
-    """FID against NFE of the shipped teacher with diffusers' schedulers, its cache and its student; a table, grids, a plot."""
-    from fastdiff.quickstart import QuickstartConfig, run_quickstart
+def quickstart_config(args: argparse.Namespace):
+    """The :class:`~fastdiff.quickstart.QuickstartConfig` of ``fastdiff quickstart``'s options (no option: its defaults)."""
+    from fastdiff.quickstart import QuickstartConfig
 
     cfg = QuickstartConfig(teacher=args.teacher, num_samples=args.num_samples, guidance_scale=args.guidance,
                            seed=args.seed, out=args.out)  # fmt: skip
@@ -156,6 +156,14 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         cfg.cache = None if args.cache == "none" else args.cache
     if args.student:
         cfg.student = None if args.student == "none" else args.student
+    return cfg
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    """FID against NFE of the shipped teacher with diffusers' schedulers, its cache and its student; a table, grids, a plot."""
+    from fastdiff.quickstart import run_quickstart
+
+    cfg = quickstart_config(args)
     record = run_quickstart(cfg, progress=not args.no_progress)
     print(f"\n{cfg.teacher} teacher, domain FID vs {record['reference']}, {cfg.num_samples} samples, "
           f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}")

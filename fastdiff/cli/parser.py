@@ -134,15 +134,18 @@ def _add_fid(sub: Subparsers) -> None:
 
 def _add_quickstart(sub: Subparsers) -> None:
     from fastdiff.cache.spec import CACHE_SPEC_HELP
+    from fastdiff.quickstart import QuickstartConfig
 
+    default = QuickstartConfig()  # one set of defaults: the options show and pass the library's
     p = sub.add_parser("quickstart", help="the main job: FID vs NFE of the shipped teacher's solvers, its feature cache "
                        "and its distilled student (a few CPU minutes)")
-    p.add_argument("--teacher", choices=("fashion-mnist", "digits"), default="fashion-mnist")
-    p.add_argument("--num-samples", type=int, default=500, help="images per run (default 500)")
-    p.add_argument("--steps", help="comma-separated step counts (default 4,8,16)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/quickstart", help="folder for the JSON, grid and plot")
+    p.add_argument("--teacher", choices=("fashion-mnist", "digits"), default=default.teacher)
+    p.add_argument("--num-samples", type=int, default=default.num_samples, help=f"images per run (default {default.num_samples})")
+    p.add_argument("--steps", help=f"comma-separated step counts (default {','.join(map(str, default.steps))})")
+    p.add_argument("--guidance", type=float, default=default.guidance_scale,
+                   help=f"classifier-free guidance scale (default {default.guidance_scale:g}: off)")
+    p.add_argument("--seed", type=int, default=default.seed)
+    p.add_argument("--out", default=default.out, help=f"folder for the JSON, grid and plot (default {default.out})")
     p.add_argument("--cache", help=f"feature cache for the teacher's second reference run: {CACHE_SPEC_HELP}, or none "
                    "(default: the benchmark's best)")
     p.add_argument("--student", metavar="PATH", help="a distilled student's pipeline folder for the student rows, or none "
