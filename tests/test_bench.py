@@ -151,6 +151,38 @@ def test_distill_report_names_each_rows_recipe_switches(tmp_path):
     assert "| iLCT | `recipes/ilct_digits.yaml` `--set consistency.ot=true` | 10 x 8 |" in report
     assert "| iLCT without OT | `recipes/ilct_digits.yaml` `--set consistency.ot=false` | 10 x 8 |" in report
     assert "| 2.0x |" in report  # 1-step FID / teacher
+    rows[0]["fid"] = {"1": stats}  # a one-step generator: scored at its recipe's eval steps only
+    samplers = {"iPNDM": {"1": stats, "2": stats, "4": stats}}
+    (tmp_path / "bench" / "distill.json").write_text(json.dumps({**data, "student_steps": [1, 2, 4], "teacher_samplers": samplers}))
+    write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
+    line = next(x for x in (tmp_path / "BENCHMARKS.md").read_text().splitlines() if x.startswith(f"| {rows[0]['objective']} |"))
+    assert "| 4 ± 0.5 | - | - | 2 ± 0.5 |" in line
+
+
+def test_distill_rows_train_in_their_own_folders_and_take_a_finished_student(tmp_path):
+    """Every row has its own run folder; a finished student of the same recipe is taken (wherever it was trained:
+    the output folder is not part of the recipe's identity), one of another recipe is refused, and an existing
+    folder is never taken over without --resume."""
+    from fastdiff.bench.common import Cells
+    from fastdiff.bench.distill import DISTILL_RECIPES, FASHION_RECIPES, _train, run_folder
+    from fastdiff.errors import InputError
+    from fastdiff.training.config import load_config, to_dict
+    from fastdiff.training.distill import DistillRecipe
+
+    for recipes in (DISTILL_RECIPES, FASHION_RECIPES):
+        assert len({run_folder(label) for label in recipes}) == len(recipes)
+    path = Path(__file__).resolve().parent.parent / "recipes" / "dmd2_digits.yaml"
+    out = tmp_path / "dmd2-ttur-1"
+    (out / "student").mkdir(parents=True)
+    elsewhere = to_dict(load_config(DistillRecipe, path, ["trainer.phase_optim.generator.update_every=1", "output_dir=somewhere/else"]))
+    (out / "student" / "training.json").write_text(json.dumps({"recipe": elsewhere, "wall_minutes_this_run": 3.5}))
+    overrides = ["trainer.phase_optim.generator.update_every=1", f"output_dir={out}"]
+    with pytest.raises(InputError, match="pass --resume"):
+        _train(path, overrides, False, False, Cells(None), 8)
+    recipe, minutes = _train(path, overrides, False, False, Cells(None, resume=True), 8)
+    assert minutes == 3.5 and recipe.trainer.phase_optim["generator"].update_every == 1
+    with pytest.raises(InputError, match="another recipe"):
+        _train(path, [f"output_dir={out}"], False, False, Cells(None, resume=True), 8)
 
 
 def _fake_benchmark(monkeypatch):
@@ -241,7 +273,8 @@ def test_distill_benchmark_checks_every_recipe_before_any_work(tmp_path, monkeyp
     from fastdiff.errors import InputError
 
     repo = Path(__file__).resolve().parent.parent
-    for path, _ in list(DISTILL_RECIPES.values())[:-1]:  # all but the last
+    paths = list(dict.fromkeys(path for path, _ in DISTILL_RECIPES.values()))
+    for path in paths[:-1]:  # all but the last
         shutil.copy(repo / path, tmp_path)
     monkeypatch.setattr(extractors, "load_extractor", lambda *a, **k: pytest.fail("work started before the recipes were checked"))
     with pytest.raises(InputError, match="pass --recipes DIR"):
@@ -266,3 +299,31 @@ def test_cells_resume_a_killed_run_and_refuse_to_overwrite_it(tmp_path):
     assert again("c", lambda: 3) == 3 and calls == ["a", "b"]
     again.done()
     assert not path.exists()
+
+
+def test_bench_names_of_the_parser_are_the_registry():
+    from fastdiff.bench import BENCHMARKS
+    from fastdiff.cli.parser import BENCH_NAMES
+
+    assert BENCH_NAMES == tuple(BENCHMARKS)
+
+
+def test_dmd2_layouts_count_memory_and_measure_a_tiny_cell():
+    """Static memory by hand: three networks hold 3 copies of the weights W, one phase's gradients (the fake score's
+    W plus the head), AdamW's two moments of generator + fake + head, and the EMA of the generator (W); the LoRA layout
+    holds W once. A tiny cell trains three steps and reports its peak memory and seconds per step."""
+    from fastdiff.bench.layouts import _measure, _objective, _static_bytes, render_layouts
+
+    copies, lora = _objective("tiny (--quick)", None), _objective("tiny (--quick)", 4)
+    w = sum(p.numel() * 4 for p in copies.teacher.parameters())
+    head = sum(p.numel() * 4 for p in copies.head.parameters())
+    s = _static_bytes(copies)
+    assert (s["weights"], s["gradients"], s["adam_moments"], s["ema"]) == (3 * w + head, w + head, 2 * (2 * w + head), w)
+    assert s["total"] == 3 * w + head + (w + head) + 2 * (2 * w + head) + w
+    adapters = sum(p.numel() * 4 for n, p in lora.net.named_parameters() if "lora_" in n)
+    assert _static_bytes(lora)["weights"] == w + adapters + head and _static_bytes(lora)["trained_parameters"] * 4 == adapters + head
+    row = _measure("tiny (--quick)", "one base + 2 LoRA (rank 64)")
+    assert row["fits"] and row["peak_rss_bytes"] > row["static"]["total"] and 0 < row["s_per_step"] < 60
+    far = {**row, "shape": "SD-1.5", "layout": "three networks", "fits": False, "available_bytes": 2**30}
+    table = "\n".join(render_layouts({"batch_size": 1, "guidance_scale": 1.75, "steps": 3, "rows": [row, far]}))
+    assert "| SD-1.5 | three networks |" in table and "does not fit (1.0 GiB available): not run" in table

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastdiff.bench import cache, distill, samplers, teachers
+from fastdiff.bench import cache, distill, layouts, samplers, teachers
 from fastdiff.errors import InputError
 from fastdiff.bench.common import BENCH_DIR, FID_SCORED_AS, RECIPES_DIR, Cells, atomic_write, machine
 
@@ -38,10 +38,11 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "teachers": Benchmark(teachers.bench_teachers, teachers.render_teachers, resumable=True),
     "samplers": Benchmark(samplers.bench_samplers, samplers.render_samplers, ("samplers_fid_vs_nfe.png", samplers.plot_samplers), resumable=True),
-    "distill": Benchmark(distill.bench_distill, distill.render_distill, uses_recipes=True),
+    "distill": Benchmark(distill.bench_distill, distill.render_distill, uses_recipes=True, resumable=True),
     "distill-fashion-mnist": Benchmark(distill.bench_distill_fashion, distill.render_distill, uses_recipes=True, resumable=True),
     "cache": Benchmark(cache.bench_cache, cache.render_cache, ("cache_frontier.png", cache.plot_cache)),
     "cache-unet": Benchmark(cache.bench_cache_unet, cache.render_cache, ("cache-unet_frontier.png", cache.plot_cache)),
+    "dmd2-layouts": Benchmark(layouts.bench_layouts, layouts.render_layouts),
 }
 COMMANDS = {name: f"fastdiff bench {name}" for name in BENCHMARKS}
 

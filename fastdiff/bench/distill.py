@@ -3,9 +3,9 @@
 In one run per data set: each recipe of the set is trained as written in ``recipes/``, its EMA student is scored
 with the domain FID of 1-, 2- (and 4-) step samples (several seeds), next to the teacher at 50 NFE and the best
 fastdiff ODE sampler on the teacher at the same NFE, with the wall-clock minutes each training took on this
-machine. Digits trains in a temporary folder; Fashion-MNIST's trainings are long on a CPU, so they go to
-``runs/bench/distill-fashion-mnist/NAME`` (relative to the current directory) and ``--resume`` continues them from
-their checkpoints (or takes a finished student of the same recipe) after a kill. On digits, also the trainer's
+machine. Trainings go to ``runs/bench/distill-<data set>/<row label as a slug>`` (relative to the current directory)
+and ``--resume`` continues them from their checkpoints (or takes a finished student of the same recipe) after a
+kill, and keeps the FIDs already scored. On digits, also the trainer's
 overhead: steps/s of :func:`fastdiff.training.trainer.train` against a plain PyTorch loop doing the same computation
 (same objective, batches, optimiser, clipping, EMA), measured alternately in the same process.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import statistics
 import tempfile
@@ -27,14 +28,21 @@ import torch
 __all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill", "bench_distill_fashion", "trainer_overhead", "render_distill"]
 
 # label -> (recipe, overrides): iLCT is run as written and without its minibatch OT pairing (the switch that decides
-# the recipe's default on digits).
+# the recipe's default on digits); DMD2 as written (one-step generator, fake score updated 5 times per generator
+# update, GAN on), then with one switch each: a 4-step generator, TTUR 1, no GAN; f-distill with each divergence.
+DIVERGENCES = ("reverse_kl", "softened_rkl", "jensen_shannon", "squared_hellinger", "forward_kl", "jeffreys")
 DISTILL_RECIPES = {
     "iCT": ("recipes/ict_digits.yaml", ()),
     "iLCT": ("recipes/ilct_digits.yaml", ("consistency.ot=true",)),
     "iLCT without OT": ("recipes/ilct_digits.yaml", ("consistency.ot=false",)),
     "CD (LCM-style)": ("recipes/cd_digits.yaml", ()),
+    "DMD2": ("recipes/dmd2_digits.yaml", ()),
+    "DMD2 4-step": ("recipes/dmd2_digits.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
+    "DMD2 TTUR 1": ("recipes/dmd2_digits.yaml", ("trainer.phase_optim.generator.update_every=1",)),
+    "DMD2 without GAN": ("recipes/dmd2_digits.yaml", ("dmd.gan_generator_weight=0", "dmd.gan_critic_weight=0")),
+    **{f"f-distill {d}": ("recipes/f_distill_digits.yaml", (f"dmd.divergence={d}",)) for d in DIVERGENCES},
 }
-# the Fashion-MNIST students of the shipped UNet teacher (each run's folder: the label's first word, lower case)
+# the Fashion-MNIST students of the shipped UNet teacher
 FASHION_RECIPES = {
     "iCT": ("recipes/ict_fashion_mnist.yaml", ()),
     "CD (LCM-style)": ("recipes/cd_fashion_mnist.yaml", ()),
@@ -46,18 +54,24 @@ TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), 
 @dataclass(frozen=True)
 class DistillSet:
     """One data set's row family: its shipped teacher (= the data set's name), recipes, samples per FID, the student
-    step counts, and where the trainings go (None: a temporary folder)."""
+    step counts (the table's columns; each row is scored at those of its recipe's ``eval.steps``), and where the
+    trainings go (``runs/<label as a slug>``, relative to the current directory)."""
 
     recipes: dict[str, tuple[str, tuple[str, ...]]]
     num_samples: int
     student_steps: tuple[int, ...]
-    runs: Path | None = None
+    runs: Path
 
 
 DISTILL_SETS = {
-    "digits": DistillSet(DISTILL_RECIPES, 360, (1, 2)),
+    "digits": DistillSet(DISTILL_RECIPES, 360, (1, 2, 4), Path("runs/bench/distill-digits")),
     "fashion-mnist": DistillSet(FASHION_RECIPES, 500, (1, 2, 4), Path("runs/bench/distill-fashion-mnist")),
 }
+
+
+def run_folder(label: str) -> str:
+    """A row's training folder: its label as a slug (``"DMD2 TTUR 1"`` -> ``dmd2-ttur-1``)."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def _fid_seeds(sample, extractor, reference, seeds, cells, key) -> dict:
@@ -67,10 +81,10 @@ def _fid_seeds(sample, extractor, reference, seeds, cells, key) -> dict:
     return _mean_std([cells(f"{key} seed={seed}", lambda seed=seed: fid_of_samples(sample(seed), extractor, reference)) for seed in seeds])
 
 
-def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes") -> dict:
+def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None) -> dict:
     """``fastdiff bench distill``: the digits students (:data:`DISTILL_RECIPES`, read from the folder ``recipes``) and
-    the trainer's overhead; the JSON record."""
-    result = _bench_set("digits", quick, progress, recipes)
+    the trainer's overhead; the JSON record. ``cells``' resume flag continues killed trainings and keeps finished FIDs."""
+    result = _bench_set("digits", quick, progress, recipes, cells)
     result["trainer_overhead"] = trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes)
     return result
 
@@ -108,18 +122,17 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
     result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": n, "seeds": list(seeds), "student_steps": list(steps),
               "teacher_50nfe": teacher_fid("ddim", {}, 50)}  # fmt: skip
     result["teacher_samplers"] = {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}
-    runs = spec.runs if spec.runs is not None and not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
+    runs = spec.runs if not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
     rows = []
-    for i, (label, (path, switches)) in enumerate(spec.recipes.items()):
-        out = runs / (label.split()[0].lower() if runs == spec.runs else str(i))
-        recipe, minutes = _train(paths[label], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n,
-                                 temporary=runs != spec.runs)  # fmt: skip
+    for label, (path, switches) in spec.recipes.items():
+        out = runs / run_folder(label)
+        recipe, minutes = _train(paths[label], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n)
         pipe = load_pipeline(out / "student")
         fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
-                                   f"n={n} {label} {minutes:.4f} steps={k}") for k in steps}  # fmt: skip
+                                   f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
         rows.append({"objective": label, "recipe": path, "overrides": list(switches), "steps": recipe.trainer.steps,
                      "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student")})  # fmt: skip
-    if runs != spec.runs:
+    if quick:
         shutil.rmtree(runs, ignore_errors=True)
     result["rows"] = rows
     return result
@@ -131,31 +144,37 @@ def _student_samples(recipe, pipe, n, steps, seed):
     return sample_student(recipe, pipe.model, pipe.scheduler, n, steps, seed)
 
 
-def _train(path: Path, overrides: list[str], quick: bool, progress: bool, cells: Any, n: int, temporary: bool) -> tuple[Any, float]:
+def _train(path: Path, overrides: list[str], quick: bool, progress: bool, cells: Any, n: int) -> tuple[Any, float]:
     """Train one recipe into its ``output_dir`` (continuing its checkpoints, or taking its finished student, when
-    resuming); the recipe and the training's wall-clock minutes (all resumed pieces)."""
+    resuming); the recipe and the training's wall-clock minutes (all resumed pieces). ``quick``: a few steps in a
+    temporary folder."""
     from fastdiff.errors import InputError
     from fastdiff.training.config import load_config, to_dict
     from fastdiff.training.distill import DistillRecipe, run_distill
 
-    overrides = [*overrides, "trainer.eval_every=0", f"eval.num_samples={n}"] if temporary else overrides
     if quick:
-        overrides += ["trainer.steps=6", "trainer.batch_size=32", "trainer.checkpoint_every=1000"]
+        overrides = [*overrides, "trainer.eval_every=0", f"eval.num_samples={n}", "trainer.steps=6", "trainer.batch_size=32",
+                     "trainer.checkpoint_every=1000"]  # fmt: skip
     recipe = load_config(DistillRecipe, path, overrides)
     out = Path(recipe.output_dir)
     student = out / "student" / "training.json"
-    if out.exists() and not temporary and not cells.resume:
+    if out.exists() and not quick and not cells.resume:
         raise InputError(f"{out} holds an earlier benchmark training; pass --resume to continue it (or take its finished "
                          "student), or delete the folder to start over")  # fmt: skip
     if student.is_file():
         done = json.loads(student.read_text())
-        if done["recipe"] != to_dict(recipe):
+        if _training(done["recipe"]) != _training(to_dict(recipe)):
             raise InputError(f"{out / 'student'} was trained from another recipe than {path}; delete {out} to retrain it")
         return recipe, done.get("wall_minutes_all_pieces", done["wall_minutes_this_run"])
     start = time.perf_counter()
     run_distill(recipe, resume="latest" if (out / "checkpoints").is_dir() else None, progress=progress)
     done = json.loads(student.read_text())
     return recipe, done.get("wall_minutes_all_pieces", (time.perf_counter() - start) / 60)
+
+
+def _training(recipe: dict) -> dict:
+    """What decides a trained student: the recipe without where it was written."""
+    return {k: v for k, v in recipe.items() if k != "output_dir"}
 
 
 def trainer_overhead(steps: int = 40, repeats: int = 3, recipes: str | Path = "recipes") -> dict:
@@ -218,8 +237,7 @@ def render_distill(data: dict) -> list[str]:
     steps = [str(k) for k in data.get("student_steps", (1, 2))]
     t = data["teacher_50nfe"]
     best = {k: min(((label, v[k]) for label, v in data["teacher_samplers"].items()), key=lambda x: x[1]["mean"]) for k in steps}
-    where = ("trained as written (`fastdiff train RECIPE`) in this run" if name == "digits" else
-             "trained as written (`fastdiff train RECIPE`, continued with `--resume` where a session ended)")  # fmt: skip
+    where = "trained as written (`fastdiff train RECIPE`, continued with `--resume` where a session ended)"
     lines = [
         f"## Distilled students ({name})",
         "",
@@ -236,7 +254,7 @@ def render_distill(data: dict) -> list[str]:
         recipe = " ".join([f"`{r['recipe']}`", *(f"`--set {o}`" for o in r.get("overrides", ()))])
         samplers = " / ".join(f"{best[k][0]} {_fmt(best[k][1]['mean'])}" for k in steps)
         lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | "
-                     + " | ".join(ms(r["fid"][k]) for k in steps) + f" | {ms(t)} | {samplers} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip
+                     + " | ".join(ms(r["fid"][k]) if k in r["fid"] else "-" for k in steps) + f" | {ms(t)} | {samplers} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip
     o = data.get("trainer_overhead")
     if o:
         lines += ["", f"Trainer overhead ({o['objective']}, batch {o['batch_size']}): {o['fastdiff_s_per_step'] * 1000:.0f} ms per step in "

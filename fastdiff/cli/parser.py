@@ -7,7 +7,10 @@ import argparse
 
 from fastdiff.cli import commands
 
-__all__ = ["build_parser"]
+__all__ = ["build_parser", "BENCH_NAMES"]
+
+# fastdiff.bench.BENCHMARKS' names (kept here so that parsing imports no compute module; a test checks they agree)
+BENCH_NAMES = ("teachers", "samplers", "distill", "distill-fashion-mnist", "cache", "cache-unet", "dmd2-layouts")
 
 Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns (for type hints)
 
@@ -158,13 +161,14 @@ def _add_bench(sub: Subparsers) -> None:
     p = sub.add_parser("bench", help="benchmarks: JSON in benchmarks/ and the tables of BENCHMARKS.md",
                        description="Every output goes where the options say, relative to the current directory: run it "
                        "from a checkout's root to regenerate the repository's benchmarks/, BENCHMARKS.md and README.md.")  # fmt: skip
-    p.add_argument("name", choices=("teachers", "samplers", "distill", "distill-fashion-mnist", "cache", "cache-unet", "report"),
+    p.add_argument("name", choices=(*BENCH_NAMES, "report"),
                    help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
                         "Gaussian-mixture oracle, scheduler overhead); distill: digits students vs their teacher and the "
                         "trainer's overhead; distill-fashion-mnist: the Fashion-MNIST students (trainings kept in runs/bench, "
                         "--resume continues them); cache: feature-cache policies vs uncached and diffusers' caches (the "
-                        "fashion-mnist-dit teacher); cache-unet: DeepCache-style caching of the Fashion-MNIST UNet; report: only "
-                        "regenerate BENCHMARKS.md")  # fmt: skip
+                        "fashion-mnist-dit teacher); cache-unet: DeepCache-style caching of the Fashion-MNIST UNet; dmd2-layouts: "
+                        "peak memory and s/step of DMD2's three-network and one-base LoRA layouts on SD-1.5-shaped UNets; "
+                        "report: only regenerate BENCHMARKS.md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (JSON only, BENCHMARKS.md untouched)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="benchmarks", metavar="DIR", help="folder of the benchmark JSON and plots (default %(default)s)")

@@ -32,22 +32,32 @@ def _check_decay(decay: float) -> None:
 
 @torch.no_grad()
 def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * model`` for every parameter (a ``lerp_`` in ``ema``'s dtype); buffers are
-    copied. ``ema`` and ``model`` must have the same architecture (parameters and buffers in the same order)."""
+    """``ema <- decay * ema + (1 - decay) * model`` for every parameter (a ``lerp_`` in ``ema``'s dtype; a parameter
+    both share is left alone); buffers are copied. ``ema`` and ``model`` must have the same architecture (parameters
+    and buffers in the same order)."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        if e is not p:
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
 
 class EMA:
     """A frozen copy of ``model`` moved by :func:`ema_update_` after each optimiser step; ``state_dict`` /
-    ``load_state_dict`` make it part of accelerate's checkpoints (``accelerator.register_for_checkpointing``)."""
+    ``load_state_dict`` make it part of accelerate's checkpoints (``accelerator.register_for_checkpointing``).
+
+    Parameters that are frozen when the EMA is made (``requires_grad`` False: a LoRA layout's base, a frozen text
+    encoder) are shared with ``model``, not copied: their average is themselves, and a copy of an SD-sized base
+    would cost gigabytes. A parameter frozen then but trained later would be tracked live, not averaged."""
 
     def __init__(self, model: nn.Module, decay: float):
         _check_decay(decay)
         self.decay = decay
-        self.model = copy.deepcopy(model).requires_grad_(False)
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=shared)
+        for p in self.model.parameters():
+            if id(p) not in shared:
+                p.requires_grad_(False)
 
     def update(self, model: nn.Module) -> None:
         ema_update_(self.model, model, self.decay)
