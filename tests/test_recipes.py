@@ -16,9 +16,9 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_parses(path):
-    from fastdiff.training.lcm_lora import LCMLoRARecipe
+    from fastdiff.training.sd_lora import SDLoRARecipe
 
-    cls = {"denoising": TeacherRecipe, "lcm-lora": LCMLoRARecipe}.get(recipe_objective(path), DistillRecipe)
+    cls = {"denoising": TeacherRecipe, "lcm-lora": SDLoRARecipe, "dmd2-lora": SDLoRARecipe}.get(recipe_objective(path), DistillRecipe)
     recipe = load_config(cls, path)
     assert recipe.expected, f"{path.name} must state its expected cost and result"
 

@@ -60,6 +60,10 @@ class ClassConditioner:
     def __call__(self, labels: Tensor, null: Tensor) -> dict[str, Tensor]:
         return {"class_labels": torch.where(null, torch.full_like(labels, self.num_classes), labels)}
 
+    def probe_labels(self, n: int, device: torch.device) -> Tensor:
+        """``n`` valid labels (for a shape probe)."""
+        return torch.zeros(n, dtype=torch.long, device=device)
+
 
 class TextConditioner(nn.Module):
     """Text conditioning for UNet2DConditionModel students: ``labels`` index a table of prompt embeddings (one per
@@ -73,3 +77,7 @@ class TextConditioner(nn.Module):
     def __call__(self, labels: Tensor, null: Tensor) -> dict[str, Tensor]:
         embeds = self.table[labels]
         return {"encoder_hidden_states": torch.where(view(null, embeds).bool(), self.null_embed.to(embeds.dtype), embeds)}
+
+    def probe_labels(self, n: int, device: torch.device) -> Tensor:
+        """``n`` valid labels (for a shape probe)."""
+        return torch.zeros(n, dtype=torch.long, device=device)

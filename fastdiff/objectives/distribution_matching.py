@@ -170,8 +170,8 @@ class DistributionMatching(Objective):
         net = self._network("teacher")
         c, device = net.config, next(net.parameters()).device
         x = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"], device=device)
-        labels = torch.zeros(1, dtype=torch.long, device=device)
-        cond = {} if self.conditioner is None else self.conditioner(labels, torch.zeros_like(labels, dtype=torch.bool))
+        null = torch.zeros(1, dtype=torch.bool, device=device)
+        cond = {} if self.conditioner is None else self.conditioner(self.conditioner.probe_labels(1, device), null)
         with self._use("fake") as fake:
             return probe(fake, self._tap, x, torch.zeros(1, dtype=torch.long, device=device), cond)
 

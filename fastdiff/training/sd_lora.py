@@ -1,7 +1,19 @@
-"""LCM and LCM-LoRA: consistency distillation of a Stable Diffusion UNet (Luo et al. 2023), on the trainer and
-:class:`~fastdiff.objectives.ConsistencyDistillation`: into a LoRA adapter (``sd.lora_rank``), or into a
-full student with LCM's guidance-scale embedding (``sd.lora_rank: null``), saved as a ``unet`` folder that
-``LatentConsistencyModelPipeline`` takes (``unet=UNet2DConditionModel.from_pretrained(folder)``).
+"""Distillation of a Stable Diffusion UNet on the trainer, into a LoRA adapter or a full student.
+
+* ``objective: lcm-lora`` -- LCM and LCM-LoRA (Luo et al. 2023), :class:`~fastdiff.objectives.ConsistencyDistillation`:
+  into a LoRA adapter (``sd.lora_rank``), or into a full student with LCM's guidance-scale embedding
+  (``sd.lora_rank: null``), saved as a ``unet`` folder that ``LatentConsistencyModelPipeline`` takes
+  (``unet=UNet2DConditionModel.from_pretrained(folder)``). The teacher is the same UNet with the adapter off and
+  guidance ``w ~ U[guidance_scale, guidance_max]``; the target is the student under stop-gradient (no EMA copy).
+* ``objective: dmd2-lora`` -- DMD2 (Yin et al. 2024) in the one-frozen-base layout of
+  :class:`~fastdiff.objectives.DistributionMatching`: the generator and the fake score are two LoRA adapters of rank
+  ``sd.lora_rank`` on the UNet (the teacher: adapters off, guided by ``dmd.guidance_scale``), with gradient
+  checkpointing, the GAN classifier on the fake score's mid-block reading the captioned images as real data. Only the
+  generator's adapter is saved.
+
+Either result is a LoRA file that any Stable Diffusion pipeline loads with ``pipe.load_lora_weights(folder)`` and
+samples with diffusers' ``LCMScheduler`` (LCM: 2-8 steps; DMD2: ``dmd.generator_steps`` steps, ``guidance_scale=0``).
+Needs ``peft`` (``pip install fastdiff[lora]``).
 
 Data: captioned images, read batch by batch and encoded on the fly on the training device (the VAE's latents, one
 posterior draw per sample from its seed, and the text encoder's prompt embeddings), so no size limit. By default
@@ -10,11 +22,7 @@ line, the Hugging Face imagefolder layout), read as a map-style dataset: a resum
 ``sd.streaming: true`` it is streamed with Hugging Face ``datasets`` (``pip install fastdiff[data]``): that folder,
 parquet files or webdataset ``.tar`` shards (``sd.image_column`` / ``sd.caption_column`` name the columns, e.g.
 ``jpg`` / ``txt``), split over processes; a resumed run continues at the next sample
-(:mod:`fastdiff.training.data`). The UNet keeps its weights and learns only the adapter; the teacher is the same
-UNet with the adapter off and guidance ``w ~ U[guidance_scale, guidance_max]``; the target is the student under
-stop-gradient (no EMA copy). The result is a LoRA file that any Stable Diffusion pipeline loads with
-``pipe.load_lora_weights(folder)`` and samples in 2-8 steps with diffusers' ``LCMScheduler``. Needs ``peft``
-(``pip install fastdiff[lora]``).
+(:mod:`fastdiff.training.data`).
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ from fastdiff.errors import InputError
 from fastdiff.objectives import per_sample_randn
 from fastdiff.objectives.conditioning import view
 from fastdiff.training.data import DatasetSource, MappedSource, StreamSource, image_tensor, load_hf
+from fastdiff.training.distill import DMDConfig
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["LCMLoRARecipe", "SDConfig", "CaptionedFolder", "CaptionRows", "LatentEncoder", "PromptEmbeddings", "captioned_source",
-           "lcm_objective", "run_lcm_lora", "save_lora"]
+__all__ = ["SDLoRARecipe", "SDConfig", "CaptionedFolder", "CaptionRows", "LatentEncoder", "PromptEmbeddings", "captioned_source",
+           "lcm_objective", "dmd_objective", "run_sd_lora", "save_lora"]
 
 
 @dataclass
@@ -59,9 +68,10 @@ class SDConfig:
 
 
 @dataclass
-class LCMLoRARecipe:
-    objective: str = "lcm-lora"
+class SDLoRARecipe:
+    objective: Literal["lcm-lora", "dmd2-lora"] = "lcm-lora"
     sd: SDConfig = field(default_factory=SDConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)  # dmd2-lora (its teacher and lora_rank: sd.pretrained, sd.lora_rank)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: str = "runs/lcm-lora"
     expected: str = ""
@@ -160,6 +170,10 @@ class PromptEmbeddings(nn.Module):
     def __call__(self, embeds: Tensor, null: Tensor) -> dict[str, Tensor]:
         return {"encoder_hidden_states": torch.where(view(null, embeds).bool(), self.null_embed.to(embeds.dtype), embeds)}
 
+    def probe_labels(self, n: int, device: torch.device) -> Tensor:
+        """``n`` valid labels (for a shape probe): the empty prompt's embedding."""
+        return self.null_embed.to(device).expand(n, *self.null_embed.shape[1:])
+
 
 def captioned_source(sd: SDConfig, pipe, batch_size: int, seed: int = 0) -> MappedSource:
     """The captioned images of ``sd.data_root`` (map-style, or streamed with ``sd.streaming``), encoded per batch by
@@ -172,12 +186,13 @@ def captioned_source(sd: SDConfig, pipe, batch_size: int, seed: int = 0) -> Mapp
     return MappedSource(source, LatentEncoder(pipe.vae, pipe.text_encoder))
 
 
-def save_lora(unet, folder: str | Path) -> Path:
-    """The adapter as ``pytorch_lora_weights.safetensors`` in diffusers' LoRA layout (``pipe.load_lora_weights``)."""
+def save_lora(unet, folder: str | Path, adapter: str = "default") -> Path:
+    """The adapter ``adapter`` as ``pytorch_lora_weights.safetensors`` in diffusers' LoRA layout (``pipe.load_lora_weights``)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    layers = get_peft_model_state_dict(unet, adapter_name=adapter)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     return Path(folder)
 
 
@@ -195,8 +210,34 @@ def lcm_objective(sd: SDConfig, unet, scheduler_config: dict, conditioner):
     )  # fmt: skip
 
 
-def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: bool = True) -> Path:
-    """Distil ``recipe.sd.pretrained`` into a LoRA adapter saved in ``output_dir/lora``."""
+def _check_dmd(recipe: SDLoRARecipe) -> None:
+    m = recipe.dmd
+    if recipe.sd.lora_rank is None:
+        raise InputError("objective dmd2-lora trains two LoRA adapters; set sd.lora_rank (e.g. 64)")
+    if m.divergence not in (None, "reverse_kl"):
+        raise InputError(f"objective dmd2-lora is DMD2 (dmd.divergence reverse_kl); got dmd.divergence={m.divergence!r}")
+    if m.gan_critic_weight <= 0 < m.gan_generator_weight:
+        raise InputError("dmd.gan_generator_weight > 0 needs the classifier trained: set dmd.gan_critic_weight > 0")
+
+
+def dmd_objective(recipe: SDLoRARecipe, unet, scheduler_config: dict, conditioner):
+    """The DMD2 :class:`~fastdiff.objectives.DistributionMatching` of ``recipe`` on a Stable Diffusion ``unet``: two
+    LoRA adapters (generator, fake score) on the frozen UNet, gradient checkpointing on."""
+    from fastdiff.objectives import DistributionMatching
+    from fastdiff.schedules import VPSchedule
+
+    _check_dmd(recipe)
+    m, rank = recipe.dmd, recipe.sd.lora_rank
+    return DistributionMatching(
+        unet, VPSchedule.from_config(scheduler_config), scheduler_config.get("prediction_type", "epsilon"), conditioner,
+        guidance_scale=m.guidance_scale, generator_steps=m.generator_steps, dm_range=m.dm_range,
+        gan_generator_weight=m.gan_generator_weight, gan_critic_weight=m.gan_critic_weight, lora_rank=rank,
+        gradient_checkpointing=True,
+    )  # fmt: skip
+
+
+def run_sd_lora(recipe: SDLoRARecipe, resume: str | None = None, progress: bool = True) -> Path:
+    """Distil ``recipe.sd.pretrained`` into a LoRA adapter saved in ``output_dir/lora`` (a full LCM student: ``unet``)."""
     from diffusers import StableDiffusionPipeline
 
     from fastdiff.training.config import to_dict
@@ -205,21 +246,27 @@ def run_lcm_lora(recipe: LCMLoRARecipe, resume: str | None = None, progress: boo
     for name in ("lora", "unet"):
         if (out / name).exists():
             raise InputError(f"{out / name} already exists; remove it or pass --set output_dir=NEW_DIR")
-    sd = recipe.sd
+    sd, dmd = recipe.sd, recipe.objective == "dmd2-lora"
+    if dmd:  # before minutes of loading
+        _check_dmd(recipe)
     if not (Path(sd.pretrained) / "model_index.json").is_file():
         raise InputError(f"sd.pretrained={sd.pretrained} is not a local diffusers pipeline folder (no model_index.json); "
                          "fastdiff does not download weights")  # fmt: skip
     pipe = StableDiffusionPipeline.from_pretrained(sd.pretrained, local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    source = captioned_source(sd, pipe, recipe.trainer.batch_size, recipe.trainer.seed)
     with torch.no_grad():
         null = pipe.encode_prompt([""], pipe.device, 1, False)[0].float()
-    objective = lcm_objective(sd, pipe.unet, dict(pipe.scheduler.config), PromptEmbeddings(null))
+    config, conditioner = dict(pipe.scheduler.config), PromptEmbeddings(null)
+    objective = dmd_objective(recipe, pipe.unet, config, conditioner) if dmd else lcm_objective(sd, pipe.unet, config, conditioner)
+    source = captioned_source(sd, pipe, recipe.trainer.batch_size, recipe.trainer.seed)
     fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
     unet, record = train(objective, source, None, recipe.trainer, out, fingerprint, resume=resume, progress=progress)
     name = "lora" if sd.lora_rank else "unet"
     if record["is_main_process"]:
         tmp = out / f"{name}.tmp"
-        save_lora(unet, tmp) if sd.lora_rank else unet.save_pretrained(tmp, safe_serialization=True)
+        if sd.lora_rank:
+            save_lora(unet, tmp, "generator" if dmd else "default")
+        else:
+            unet.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training.json").write_text(json.dumps({"recipe": to_dict(recipe), "history": record["history"][-20:]}, indent=2) + "\n")
         tmp.rename(out / name)
     return out / name

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastdiff.training.config import from_dict, load_config
 from fastdiff.errors import InputError
-from fastdiff.training.lcm_lora import CaptionedFolder, CaptionRows, LCMLoRARecipe, captioned_source, lcm_objective, run_lcm_lora
+from fastdiff.training.sd_lora import CaptionedFolder, CaptionRows, SDLoRARecipe, captioned_source, lcm_objective, run_sd_lora
 
 
 def _captioned(folder):
@@ -31,13 +31,13 @@ def test_lcm_lora_trains_adapter_only_and_loads_into_stock_pipeline(tmp_path):
 
     base = tiny_sd_pipeline(tmp_path)
     base.save_pretrained(tmp_path / "sd")
-    recipe = from_dict(LCMLoRARecipe, {
+    recipe = from_dict(SDLoRARecipe, {
         "output_dir": str(tmp_path / "run"),
         "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": 4,
                "num_workers": 1},
         "trainer": {"steps": 3, "batch_size": 2, "tracker": "none", "ema_decay": 0.0, "optim": {"kind": "adamw", "lr": 1e-2}},
     })  # fmt: skip
-    lora = run_lcm_lora(recipe, progress=False)
+    lora = run_sd_lora(recipe, progress=False)
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -52,10 +52,49 @@ def test_lcm_lora_trains_adapter_only_and_loads_into_stock_pipeline(tmp_path):
     assert images.shape == (1, 8, 8, 3)
 
 
+def test_dmd2_lora_saves_the_generator_adapter_for_stock_pipelines(tmp_path):
+    """DMD2 in the one-base layout on a tiny SD pipeline: only the two adapters train, the file saved holds the
+    generator's adapter alone (not the fake score's), and a stock StableDiffusionPipeline loads it with
+    load_lora_weights and samples one step with LCMScheduler at t = 999; bad DMD settings fail before any loading."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
+    recipe = from_dict(SDLoRARecipe, {
+        "objective": "dmd2-lora", "output_dir": str(tmp_path / "run"),
+        "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": 4,
+               "num_workers": 1},
+        "dmd": {"guidance_scale": 1.75, "gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2},
+        "trainer": {"steps": 3, "batch_size": 2, "tracker": "none", "ema_decay": 0.0, "optim": {"kind": "adamw", "lr": 1e-2},
+                    "phase_optim": {"generator": {"kind": "adamw", "lr": 1e-2, "update_every": 2}}},
+    })  # fmt: skip
+    lora = run_sd_lora(recipe, progress=False)
+    saved = load_file(lora / "pytorch_lora_weights.safetensors")
+    assert saved and all("lora" in k and "generator" not in k and "fake" not in k for k in saved)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([999]), torch.randn(1, 77, 16)
+    before = pipe.unet(x, t, emb).sample
+    pipe.load_lora_weights(lora)
+    assert not torch.allclose(before, pipe.unet(x, t, emb).sample)  # the generator's adapter learned and is applied
+    adapted = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert len(saved) == 2 * len(adapted) and all(len(m.lora_A) == 1 for m in adapted)  # A and B of one adapter per layer
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1, timestep_spacing="trailing")
+    images = pipe("a photo", num_inference_steps=1, guidance_scale=0.0, height=8, width=8, output_type="latent",
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, 4, 8, 8) and torch.isfinite(images).all() and int(pipe.scheduler.timesteps[0]) == 999
+    for bad, message in (({"sd": {"lora_rank": None}}, "set sd.lora_rank"), ({"dmd": {"divergence": "forward_kl"}}, "reverse_kl"),
+                         ({"dmd": {"gan_critic_weight": 0.0}}, "gan_critic_weight > 0")):  # fmt: skip
+        broken = from_dict(SDLoRARecipe, {"objective": "dmd2-lora", "output_dir": str(tmp_path / "x"), **{
+            k: {**getattr(recipe, k).__dict__, **v} for k, v in bad.items()}})  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            run_sd_lora(broken, progress=False)
+
+
 def test_lcm_lora_bad_input(tmp_path):
-    recipe = from_dict(LCMLoRARecipe, {"output_dir": str(tmp_path / "run"), "sd": {"pretrained": str(tmp_path)}})
+    recipe = from_dict(SDLoRARecipe, {"output_dir": str(tmp_path / "run"), "sd": {"pretrained": str(tmp_path)}})
     with pytest.raises(InputError, match="not a local diffusers pipeline folder"):
-        run_lcm_lora(recipe)
+        run_sd_lora(recipe)
     (tmp_path / "d").mkdir()
     with pytest.raises(InputError, match="needs a metadata.jsonl"):
         CaptionedFolder(tmp_path / "d", 8, None)
@@ -76,13 +115,13 @@ def test_full_lcm_student_with_guidance_embedding_runs_in_lcm_pipeline(tmp_path)
     lcm_pipe_embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=32)
     torch.testing.assert_close(guidance_embedding(w, 32), lcm_pipe_embedding)
     base.save_pretrained(tmp_path / "sd")
-    recipe = from_dict(LCMLoRARecipe, {
+    recipe = from_dict(SDLoRARecipe, {
         "output_dir": str(tmp_path / "run"),
         "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": None,
                "guidance_embedding_dim": 32, "num_workers": 0},
         "trainer": {"steps": 2, "batch_size": 2, "tracker": "none", "optim": {"kind": "adamw", "lr": 1e-3}},
     })  # fmt: skip
-    unet = UNet2DConditionModel.from_pretrained(run_lcm_lora(recipe, progress=False))
+    unet = UNet2DConditionModel.from_pretrained(run_sd_lora(recipe, progress=False))
     assert unet.config.time_cond_proj_dim == 32
     pipe = LatentConsistencyModelPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
                                           scheduler=LCMScheduler.from_config(base.scheduler.config), safety_checker=None,
@@ -99,7 +138,7 @@ def test_sd_recipe_loss_is_diffusers_elementwise_pseudo_huber():
 
     from fastdiff.objectives import TextConditioner
 
-    recipe = load_config(LCMLoRARecipe, Path(__file__).resolve().parent.parent / "recipes" / "lcm_lora_sd15.yaml")
+    recipe = load_config(SDLoRARecipe, Path(__file__).resolve().parent.parent / "recipes" / "lcm_lora_sd15.yaml")
     cond = TextConditioner(torch.randn(3, 5, 16), torch.zeros(5, 16))
     obj = lcm_objective(recipe.sd, tiny_cond_unet(), dict(DDPMScheduler().config), cond)
     calls, consistency_fn = [], obj.consistency_fn
@@ -124,7 +163,7 @@ def test_batches_are_encoded_on_the_fly(tmp_path):
     pytest.importorskip("torchdata")
     pipe = tiny_sd_pipeline(tmp_path)
     data = _captioned(tmp_path / "data")
-    recipe = from_dict(LCMLoRARecipe, {"sd": {"data_root": str(data), "resolution": 8, "num_workers": 0}})
+    recipe = from_dict(SDLoRARecipe, {"sd": {"data_root": str(data), "resolution": 8, "num_workers": 0}})
     whole = next(captioned_source(recipe.sd, pipe, 4).batches(0))
     halves = [next(captioned_source(recipe.sd, pipe, 4).batches(0, rank, 2)) for rank in range(2)]
     torch.testing.assert_close(whole["x"], torch.cat([h["x"] for h in halves]), rtol=1e-5, atol=1e-6)
@@ -143,12 +182,12 @@ def test_lcm_lora_streams_captioned_images(tmp_path):
     pytest.importorskip("datasets")
     pytest.importorskip("torchdata")
     tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
-    recipe = from_dict(LCMLoRARecipe, {
+    recipe = from_dict(SDLoRARecipe, {
         "output_dir": str(tmp_path / "run"),
         "sd": {"pretrained": str(tmp_path / "sd"), "data_root": str(_captioned(tmp_path / "data")), "resolution": 8, "lora_rank": 4,
                "streaming": True, "num_workers": 1},
         "trainer": {"steps": 3, "batch_size": 2, "checkpoint_every": 2, "tracker": "none", "ema_decay": 0.0, "optim": {"kind": "adamw", "lr": 1e-2}},
     })  # fmt: skip
-    lora = run_lcm_lora(recipe, progress=False)
+    lora = run_sd_lora(recipe, progress=False)
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "data_state_0.pt").is_file()  # where the stream stands
