@@ -103,8 +103,9 @@ def _measure(shape: str, layout: str) -> dict:
 
     from fastdiff.training.trainer import OptimConfig, TrainerConfig, train
 
+    available = _available_bytes()  # before building: the networks' own weights are part of the static total
     objective = _objective(shape, LAYOUTS[layout])
-    static, available = _static_bytes(objective), _available_bytes()
+    static = _static_bytes(objective)
     row: dict[str, Any] = {"shape": shape, "layout": layout, "static": static, "available_bytes": available}
     if static["total"] > available:
         return {**row, "fits": False}
