@@ -312,7 +312,7 @@ def test_dmd2_layouts_count_memory_and_measure_a_tiny_cell():
     """Static memory by hand: three networks hold 3 copies of the weights W, one phase's gradients (the fake score's
     W plus the head), AdamW's two moments of generator + fake + head, and the EMA of the generator (W); the LoRA layout
     holds W once. A tiny cell trains three steps and reports its peak memory and seconds per step."""
-    from fastdiff.bench.layouts import _measure, _objective, _static_bytes, render_layouts
+    from fastdiff.bench.layouts import _objective, _static_bytes, render_layouts
 
     copies, lora = _objective("tiny (--quick)", None), _objective("tiny (--quick)", 4)
     w = sum(p.numel() * 4 for p in copies.teacher.parameters())
@@ -322,7 +322,13 @@ def test_dmd2_layouts_count_memory_and_measure_a_tiny_cell():
     assert s["total"] == 3 * w + head + (w + head) + 2 * (2 * w + head) + w
     adapters = sum(p.numel() * 4 for n, p in lora.net.named_parameters() if "lora_" in n)
     assert _static_bytes(lora)["weights"] == w + adapters + head and _static_bytes(lora)["trained_parameters"] * 4 == adapters + head
-    row = _measure("tiny (--quick)", "one base + 2 LoRA (rank 64)")
+    import subprocess
+    import sys
+
+    # in its own process, as the benchmark runs it (bf16 would stay in this process's accelerate state)
+    done = subprocess.run([sys.executable, "-m", "fastdiff.bench.layouts", "tiny (--quick)", "one base + 2 LoRA (rank 64)"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["fits"] and row["peak_rss_bytes"] > row["static"]["total"] and 0 < row["s_per_step"] < 60
     far = {**row, "shape": "SD-1.5", "layout": "three networks", "fits": False, "available_bytes": 2**30}
     table = "\n".join(render_layouts({"batch_size": 1, "guidance_scale": 1.75, "steps": 3, "rows": [row, far]}))
