@@ -30,8 +30,8 @@ __all__ = ["QuickstartConfig", "run_quickstart"]
 # diffusers' main schedulers and the best fastdiff sampler of `fastdiff bench samplers` (GHVB order 2, beta 0.8); kept
 # to four at two step counts so the quickstart stays near 3 minutes with the UNet teacher on a 2-core CPU
 QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "ghvb-1.8")
-# a feature cache within +5% FID at 50 DDIM steps on both teachers (`fastdiff bench cache` on the DiT, `cache-unet` on
-# the UNet: test FID 2.82 vs 2.69 uncached, 1.85x there, 2.0x in the quickstart)
+# a feature cache within +5% of the uncached test FID at 50 DDIM steps on both teachers (`fastdiff bench cache` on the
+# DiT, `fastdiff bench cache-unet` on the UNet; figures in BENCHMARKS.md)
 QUICKSTART_CACHE = "every:4:taylor"
 SHIPPED = "shipped"  # QuickstartConfig.student: the student shipped for the teacher (assets/students/NAME), if any
 TEACHER_ROW = "teacher: ddim (diffusers)"

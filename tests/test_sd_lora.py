@@ -84,7 +84,7 @@ def test_dmd2_lora_saves_the_generator_adapter_for_stock_pipelines(tmp_path):
                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert images.shape == (1, 4, 8, 8) and torch.isfinite(images).all() and int(pipe.scheduler.timesteps[0]) == 999
     for bad, message in (({"sd": {"lora_rank": None}}, "set sd.lora_rank"), ({"dmd": {"divergence": "forward_kl"}}, "reverse_kl"),
-                         ({"dmd": {"gan_critic_weight": 0.0}}, "gan_critic_weight > 0")):  # fmt: skip
+                         ({"dmd": {"gan_critic_weight": 0.0}}, "gan_critic_weight > 0"), ({"dmd": {"lora_rank": 8}}, "remove dmd.lora_rank")):  # fmt: skip
         broken = from_dict(SDLoRARecipe, {"objective": "dmd2-lora", "output_dir": str(tmp_path / "x"), **{
             k: {**getattr(recipe, k).__dict__, **v} for k, v in bad.items()}})  # fmt: skip
         with pytest.raises(InputError, match=message):

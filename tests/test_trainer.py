@@ -114,6 +114,21 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped(tmp_path):
     assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest") == ckpts / "step_00000012"
 
 
+def test_training_seconds_add_up_over_resumed_pieces(tmp_path):
+    """Each checkpoint records the training seconds so far; a resumed run adds its own to them, so a benchmark's
+    minutes are those of the whole training, not of its last piece."""
+    start = time.perf_counter()
+    _tiny_run(tmp_path, steps=9)
+    first = time.perf_counter() - start
+    manifest_path = tmp_path / "run" / "checkpoints" / "step_00000008" / "fastdiff_checkpoint.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert 0 < manifest["elapsed_s"] < first
+    manifest_path.write_text(json.dumps({**manifest, "elapsed_s": 1000.0}))  # the earlier pieces, as recorded
+    start = time.perf_counter()
+    _, record = _tiny_run(tmp_path, steps=12, resume="latest")
+    assert record["start_step"] == 8 and 1000.0 < record["seconds_all_pieces"] < 1000.0 + time.perf_counter() - start
+
+
 def test_nan_stops_with_step_term_and_checkpoint(tmp_path):
     def inject(objective):
         forward = objective.forward

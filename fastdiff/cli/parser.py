@@ -177,7 +177,7 @@ def _add_bench(sub: Subparsers) -> None:
                    help="also regenerate the benchmark section between this file's markers, when it exists (default %(default)s)")
     p.add_argument("--recipes", default="recipes", metavar="DIR", help="distill: the folder of the recipes it trains (default %(default)s)")
     p.add_argument("--resume", action="store_true",
-                   help="continue a killed run: teachers, samplers and distill-fashion-mnist keep each finished cell or training "
+                   help="continue a killed run: teachers, samplers, distill and distill-fashion-mnist keep each finished cell or training "
                         "checkpoint (in --out / runs/bench) and skip it when resumed")  # fmt: skip
     p.set_defaults(func=commands.cmd_bench)
 

@@ -214,6 +214,8 @@ def _check_dmd(recipe: SDLoRARecipe) -> None:
     m = recipe.dmd
     if recipe.sd.lora_rank is None:
         raise InputError("objective dmd2-lora trains two LoRA adapters; set sd.lora_rank (e.g. 64)")
+    if m.lora_rank is not None:
+        raise InputError(f"objective dmd2-lora reads the adapters' rank from sd.lora_rank; remove dmd.lora_rank={m.lora_rank}")
     if m.divergence not in (None, "reverse_kl"):
         raise InputError(f"objective dmd2-lora is DMD2 (dmd.divergence reverse_kl); got dmd.divergence={m.divergence!r}")
     if m.gan_critic_weight <= 0 < m.gan_generator_weight:
