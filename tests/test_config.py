@@ -52,3 +52,14 @@ def test_phase_optim_values_become_typed_optimiser_configs(tmp_path):
     path.write_text("objective: dmd2\ntrainer:\n  phase_optim:\n    generator: {lr: 2e-6, every: 5}\n")
     with pytest.raises(InputError, match="unknown key 'trainer.phase_optim.generator.every'"):
         load_config(DistillRecipe, path)
+
+
+def test_yaml_11_booleans_read_as_the_word_meant(tmp_path):
+    """``--set trainer.mixed_precision=no`` (and ``mixed_precision: no`` in a file) reach YAML as the bool False;
+    a Literal that has the word takes it, and a bool that matches no word is still an error."""
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(TeacherRecipe, path).train.mixed_precision == "no"
+    assert load_config(TeacherRecipe, path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(InputError, match="train.loss_weighting"):
+        load_config(TeacherRecipe, path, ["train.loss_weighting=yes"])

@@ -96,3 +96,30 @@ def test_dmd2_lora_layout_recipe_ships_a_plain_student(tmp_path):
     assert not any("lora" in n for n, _ in pipe.model.named_parameters())
     images = pipe(class_labels=[3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert torch.isfinite(images).all()
+
+
+def test_dmd2_cifar10_recipe_runs_three_steps_on_tiny_random_components(tmp_path):
+    """The GPU recipe as written (bf16 aside: CPU), on a tiny random class-conditional RGB teacher and an image folder
+    with class subfolders: labels reach the teacher, generator and GAN, and the student loads back."""
+    from PIL import Image
+
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, save_teacher
+    from fastdiff.training.teacher import ModelConfig, ScheduleConfig, build_model, scheduler_for
+
+    g = torch.Generator().manual_seed(0)
+    for label in ("airplane", "cat"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    net = build_model(ModelConfig(block_out_channels=(8, 16), attention=False), 3, 8, 2)
+    save_teacher(ClassConditionalPipeline(unet=net, scheduler=scheduler_for(ScheduleConfig())), tmp_path / "teacher")
+    overrides = [f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.size=8",
+                 f"dmd.teacher={tmp_path / 'teacher'}", "trainer.steps=3", "trainer.batch_size=4",
+                 "trainer.mixed_precision=no", "trainer.tracker=none", "eval.num_samples=4", "eval.grid=0"]  # fmt: skip
+    recipe = load_config(DistillRecipe, ROOT / "recipes" / "dmd2_cifar10.yaml", overrides)
+    assert (recipe.trainer.batch_size, recipe.dmd.gan_generator_weight, recipe.objective) == (4, 1e-3, "dmd2")
+    student = run_distill(recipe, progress=False)
+    pipe = ClassConditionalPipeline.from_pretrained(student)
+    images = pipe(class_labels=[0, 1], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()

@@ -99,6 +99,9 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
                 continue
         raise _type_error(where, key, tp, value)
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / yes / off / on as a bool: take the word meant
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in args if isinstance(a, str) and a.lower() in words), value)
         if value not in args:
             raise InputError(f"{where}: key {key!r} must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value
