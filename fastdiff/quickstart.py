@@ -122,8 +122,8 @@ def _load_student(cfg: QuickstartConfig, teacher):
     if not cfg.student_steps or min(cfg.student_steps) < 1:
         raise InputError(f"student steps must be >= 1; got {cfg.student_steps}")
     student = load_pipeline(path)
-    made = (getattr(student, "num_classes", None), tuple(student.model.config.get(k) for k in ("in_channels", "sample_size")))
-    wanted = (teacher.num_classes, tuple(teacher.model.config.get(k) for k in ("in_channels", "sample_size")))
+    made = (getattr(student, "num_classes", None), tuple(student.model_config.get(k) for k in ("in_channels", "sample_size")))
+    wanted = (teacher.num_classes, tuple(teacher.model_config.get(k) for k in ("in_channels", "sample_size")))
     if made != wanted:
         raise InputError(f"the student {path} makes (classes, (channels, size)) = {made}, the {cfg.teacher} teacher {wanted}; "
                          "pass a student distilled from this teacher (--student PATH) or --student none")  # fmt: skip

@@ -1,6 +1,8 @@
-"""Rendering of benchmark records that no quick run produces: the router-units comparison of `fastdiff bench cache`."""
+"""Rendering of benchmark records that no quick run produces: the router-units comparison of `fastdiff bench cache`,
+the divergence ranking of `fastdiff bench distill`."""
 
 from fastdiff.bench.cache import render_cache
+from fastdiff.bench.distill import PAPER_DIVERGENCE_FID, _divergence_ranking
 
 
 def _row(method, steps, speedup, fid):
@@ -22,3 +24,13 @@ def test_router_units_table_lists_both_granularities_side_by_side():
                      "| learned router (HarmoniCa) | beta=0.01 | 1.80x | 10.1 | 1 | 50% | 40% | 12 s |"]  # fmt: skip
     assert "per-block units err less (FID vs uncached) in 0 of 1 pairs; attention / feed-forward units are faster in 1 of 1." in " ".join(lines)
     assert not any(line.startswith("**Router units**") for line in render_cache({**data, "router_units": None}))
+
+
+def test_divergence_ranking_takes_the_dmd2_row_as_reverse_kl_and_sorts_by_one_step_fid():
+    fids = {"softened_rkl": 3.0, "jensen_shannon": 2.5, "squared_hellinger": 4.0, "forward_kl": 1.5, "jeffreys": 2.0}
+    rows = [{"objective": f"f-distill {d}", "fid": {"1": {"mean": v, "std": 0.1}}} for d, v in fids.items()]
+    dmd2 = {"objective": "DMD2", "fid": {"1": {"mean": 2.2, "std": 0.3}}}
+    (line,) = [x for x in _divergence_ranking([dmd2, *rows]) if x]
+    assert "here forward_kl 1.50 < jeffreys 2.00 < reverse_kl 2.20 < jensen_shannon 2.50 < softened_rkl 3.00 < squared_hellinger 4.00" in line
+    assert "(largest seed std 0.30)" in line and "forward_kl 1.92 < squared_hellinger 1.99" in line and len(PAPER_DIVERGENCE_FID) == 6
+    assert _divergence_ranking(rows) == []  # without the reverse-KL row there is no full ranking

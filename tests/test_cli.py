@@ -49,7 +49,7 @@ def test_data_grid(tmp_path):
 OPTIONS = {
     "": "-h --help",
     "info": "-h --help",
-    "train": "recipe -h --help --set --resume --no-progress",
+    "train": "recipe -h --help --set --resume --lpips-weights --no-progress",
     "sample": "-h --help --pipeline --scheduler --steps --guidance --num-samples --seed --batch-size --no-progress --classes --out "
               "--nrow --scale --preview --overwrite --cache",
     "cache": "-h --help",
@@ -150,3 +150,13 @@ def test_pipeline_path_finds_shipped_teachers_from_anywhere(tmp_path, monkeypatc
     assert pipeline_path("assets/teachers/digits") == Path("assets/teachers/digits")  # the user's own folder wins
     assert pipeline_path("elsewhere") == Path("elsewhere")  # left for the loader to report
     assert ASSETS.parent == Path(fastdiff.__file__).resolve().parent  # package data, not a checkout folder
+
+
+def test_lpips_weights_are_refused_for_recipes_that_are_not_ctm(capsys):
+    from pathlib import Path
+
+    from fastdiff.cli import main
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "cd_digits.yaml"
+    assert main(["train", str(recipe), "--lpips-weights", "vgg16.pth"]) == 2
+    assert "--lpips-weights is for CTM recipes (objective: ctm)" in capsys.readouterr().err

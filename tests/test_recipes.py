@@ -23,7 +23,7 @@ def test_recipe_parses(path):
     assert recipe.expected, f"{path.name} must state its expected cost and result"
 
 
-CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "dmd2", "f_distill") and "digits" in p.stem]
+CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "dmd2", "f_distill", "ctm") and "digits" in p.stem]
 
 
 @pytest.mark.parametrize("path", CPU_RECIPES, ids=[p.stem for p in CPU_RECIPES])
@@ -34,8 +34,10 @@ def test_consistency_recipe_smoke(path, tmp_path):
 
     overrides = [f"output_dir={tmp_path / 'run'}", "trainer.steps=3", "trainer.batch_size=16", "trainer.tracker=none",
                  "eval.num_samples=10", "eval.steps=[1]", "eval.grid=4"]  # fmt: skip
-    if recipe_objective(path) != "cd":
+    if recipe_objective(path) not in ("cd", "ctm"):
         overrides += ["model.block_out_channels=[8, 16]", "model.attention=false"]
+    if recipe_objective(path) == "ctm":
+        overrides += ["ctm.gan_start=1"]  # the GAN term and the discriminator phase run within 3 steps
     student = run_distill(load_config(DistillRecipe, path, overrides), progress=False)
     assert (tmp_path / "run" / "samples" / "step_00000003.png").is_file() and (tmp_path / "run" / "eval.jsonl").is_file()
     pipe = ClassConditionalPipeline.from_pretrained(student)
@@ -44,7 +46,8 @@ def test_consistency_recipe_smoke(path, tmp_path):
     images = pipe(class_labels=[0, 1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
     again = DiffusionPipeline.from_pretrained(student, custom_pipeline="pipeline", trust_remote_code=True)
-    assert type(again.scheduler).__name__ == ("CMStochasticIterativeScheduler" if recipe_objective(path) in ("ict", "ilct") else "LCMScheduler")
+    expected = {"ict": "CMStochasticIterativeScheduler", "ilct": "CMStochasticIterativeScheduler", "ctm": "CTMScheduler"}
+    assert type(again.scheduler).__name__ == expected.get(recipe_objective(path), "LCMScheduler")
 
 
 TINY_UNET = ["model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention=false"]
@@ -98,9 +101,8 @@ def test_dmd2_lora_layout_recipe_ships_a_plain_student(tmp_path):
     assert torch.isfinite(images).all()
 
 
-def test_dmd2_cifar10_recipe_runs_three_steps_on_tiny_random_components(tmp_path):
-    """The GPU recipe as written (bf16 aside: CPU), on a tiny random class-conditional RGB teacher and an image folder
-    with class subfolders: labels reach the teacher, generator and GAN, and the student loads back."""
+def _tiny_cifar(tmp_path):
+    """A tiny random class-conditional RGB teacher folder and an image folder with two class subfolders (8x8)."""
     from PIL import Image
 
     from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, save_teacher
@@ -114,12 +116,42 @@ def test_dmd2_cifar10_recipe_runs_three_steps_on_tiny_random_components(tmp_path
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
     net = build_model(ModelConfig(block_out_channels=(8, 16), attention=False), 3, 8, 2)
     save_teacher(ClassConditionalPipeline(unet=net, scheduler=scheduler_for(ScheduleConfig())), tmp_path / "teacher")
-    overrides = [f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.size=8",
-                 f"dmd.teacher={tmp_path / 'teacher'}", "trainer.steps=3", "trainer.batch_size=4",
-                 "trainer.mixed_precision=no", "trainer.tracker=none", "eval.num_samples=4", "eval.grid=0"]  # fmt: skip
+    return [f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.size=8", "trainer.steps=3", "trainer.batch_size=4",
+            "trainer.mixed_precision=no", "trainer.tracker=none", "eval.num_samples=4", "eval.grid=0"]  # fmt: skip
+
+
+def _samples_back(student, channels=3):
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
+
+    pipe = ClassConditionalPipeline.from_pretrained(student)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[0, 1], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert images.shape == (2, channels, 8, 8) and torch.isfinite(images).all()
+    return pipe
+
+
+def test_dmd2_cifar10_recipe_runs_three_steps_on_tiny_random_components(tmp_path):
+    """The GPU recipe as written (bf16 aside: CPU), on a tiny random class-conditional RGB teacher and an image folder
+    with class subfolders: labels reach the teacher, generator and GAN, and the student loads back."""
+    overrides = [*_tiny_cifar(tmp_path), f"dmd.teacher={tmp_path / 'teacher'}"]
     recipe = load_config(DistillRecipe, ROOT / "recipes" / "dmd2_cifar10.yaml", overrides)
     assert (recipe.trainer.batch_size, recipe.dmd.gan_generator_weight, recipe.objective) == (4, 1e-3, "dmd2")
-    student = run_distill(recipe, progress=False)
-    pipe = ClassConditionalPipeline.from_pretrained(student)
-    images = pipe(class_labels=[0, 1], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent").images
-    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    _samples_back(run_distill(recipe, progress=False))
+
+
+def test_ctm_cifar10_recipe_runs_three_steps_with_offline_lpips_and_the_gan(tmp_path, capsys):
+    """The CTM GPU recipe on tiny random components, LPIPS from a randomly initialised VGG-16 file the test writes
+    (through `fastdiff train --lpips-weights`), the GAN from step 1: the student is a two-time model with CTMScheduler."""
+    import torchvision
+
+    from fastdiff.cli import main
+
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg16.pth")
+    overrides = [*_tiny_cifar(tmp_path), f"ctm.teacher={tmp_path / 'teacher'}", "ctm.gan_start=1", "ctm.num_scales=6", "ctm.max_jump=2"]
+    assert main(["train", str(ROOT / "recipes" / "ctm_cifar10.yaml"), *(a for o in overrides for a in ("--set", o)),
+                 "--lpips-weights", str(tmp_path / "vgg16.pth"), "--no-progress"]) in (0, None)  # fmt: skip
+    pipe = _samples_back(tmp_path / "run" / "student")
+    assert type(pipe.unet).__name__ == "TwoTimeModel" and type(pipe.scheduler).__name__ == "CTMScheduler"
+    overrides[0] = f"output_dir={tmp_path / 'other'}"
+    assert main(["train", str(ROOT / "recipes" / "ctm_cifar10.yaml"), *(a for o in overrides for a in ("--set", o))]) == 2
+    assert "download https://download.pytorch.org/models/vgg16-397923af.pth and pass its path" in capsys.readouterr().err

@@ -58,13 +58,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Run a training recipe (YAML) with dotted overrides: a teacher (``objective: denoising``), a consistency
-    student (``objective: ict | ilct | cd | dmd2 | f_distill``) or a Stable Diffusion LoRA (``objective: lcm-lora |
+    student (``objective: ict | ilct | cd | dmd2 | f_distill | ctm``) or a Stable Diffusion LoRA (``objective: lcm-lora |
     dmd2-lora``)."""
     from fastdiff.training.config import load_config, recipe_objective
     from fastdiff.training.distill import DistillRecipe, run_distill
     from fastdiff.training.teacher import TeacherRecipe, train_teacher
     from fastdiff.training.trainer import TrainingStopped
 
+    if args.lpips_weights and recipe_objective(args.recipe) != "ctm":
+        raise InputError(f"--lpips-weights is for CTM recipes (objective: ctm); {args.recipe} is objective "
+                         f"{recipe_objective(args.recipe)}")  # fmt: skip
     try:
         if recipe_objective(args.recipe) == "denoising":
             recipe = load_config(TeacherRecipe, args.recipe, args.set)
@@ -75,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
             print(f"saved {run_sd_lora(load_config(SDLoRARecipe, args.recipe, args.set), args.resume, not args.no_progress)}")
             return
-        recipe = load_config(DistillRecipe, args.recipe, args.set)
+        lpips = [f"ctm.lpips_weights={args.lpips_weights}"] if args.lpips_weights else []
+        recipe = load_config(DistillRecipe, args.recipe, [*args.set, *lpips])
         print(f"saved {run_distill(recipe, resume=args.resume, progress=not args.no_progress)}")
     except TrainingStopped as err:
         print(f"fastdiff train: stopped: {err}", file=sys.stderr)

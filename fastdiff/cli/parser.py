@@ -38,6 +38,8 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
     p.add_argument("--resume", metavar="latest|DIR", help="continue from the newest intact checkpoint "
                    "in output_dir (`latest`) or from a checkpoint folder")
+    p.add_argument("--lpips-weights", metavar="PATH", help="CTM with ctm.distance=lpips: torchvision's VGG-16 weights file "
+                   "(vgg16-397923af.pth), read offline; the same as --set ctm.lpips_weights=PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=commands.cmd_train)
 

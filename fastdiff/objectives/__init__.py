@@ -8,6 +8,7 @@ from fastdiff.objectives.consistency_distillation import LORA_TARGETS, Consisten
 from fastdiff.objectives.denoising import DenoisingObjective, denoising_loss
 from fastdiff.objectives.distribution_matching import DistributionMatching, generator_timesteps
 from fastdiff.objectives.divergences import F_DIVERGENCES
+from fastdiff.objectives.trajectory import ConsistencyTrajectory, ctm_loss
 from fastdiff.objectives.consistency_training import (
     ConsistencyTraining,
     ict_num_levels,
@@ -22,6 +23,7 @@ from fastdiff.objectives.consistency_training import (
 __all__ = [
     "LossOutput", "EMATarget", "Objective", "per_sample_rand", "per_sample_randn", "DenoisingObjective", "denoising_loss",
     "ConsistencyTraining", "ConsistencyDistillation", "DistributionMatching", "generator_timesteps", "F_DIVERGENCES",
+    "ConsistencyTrajectory", "ctm_loss",
     "ClassConditioner", "TextConditioner", "LORA_TARGETS", "guidance_embedding", "with_guidance_embedding", "ict_num_levels",
     "karras_levels", "lct_cauchy_c", "lct_diffusion_mask", "lognormal_level_probs", "non_scaling_layernorm", "ot_pairing",
 ]  # fmt: skip

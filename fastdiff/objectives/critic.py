@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastdiff.errors import InputError
 
-__all__ = ["FeatureTap", "bottleneck", "ClassifierHead"]
+__all__ = ["FeatureTap", "bottleneck", "ClassifierHead", "ImageDiscriminator"]
 
 
 def bottleneck(net: nn.Module) -> nn.Module:
@@ -88,3 +88,20 @@ def probe(net: nn.Module, tap: FeatureTap, x: Tensor, t: Tensor, cond: dict) -> 
     with torch.no_grad():
         call_model(net, x, t, cond)
     return tap.take()
+
+
+class ImageDiscriminator(nn.Module):
+    """A small convolutional discriminator on images (CTM's GAN term on CPU-sized data): stride-2 convolutions with
+    GroupNorm and LeakyReLU down to at most 4x4, global average, one logit per sample. It stands in for CTM's projected
+    StyleGAN-XL discriminator on frozen DeiT / EfficientNet features, which needs GPU-sized inputs and downloads."""
+
+    def __init__(self, channels: int, size: int, width: int = 32):
+        super().__init__()
+        layers, c = [], channels
+        for i in range(max(1, math.ceil(math.log2(max(size, 2) / 4)))):
+            layers += [nn.Conv2d(c, width * 2**i, kernel_size=3, stride=2, padding=1), nn.GroupNorm(8, width * 2**i), nn.LeakyReLU(0.2)]
+            c = width * 2**i
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x.float())  # (B, 1)

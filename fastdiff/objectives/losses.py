@@ -22,7 +22,7 @@ from fastdiff.errors import InputError
 
 __all__ = [
     "pseudo_huber", "pseudo_huber_elementwise", "cauchy", "mse", "squared_l2", "ict_huber_c", "weighted_denoising_mse",
-    "DISTANCES", "distance",
+    "DISTANCES", "distance", "hinge_discriminator_loss", "hinge_generator_loss",
 ]  # fmt: skip
 
 
@@ -71,3 +71,14 @@ def distance(kind: str, a: Tensor, b: Tensor, c: float) -> Tensor:
     if kind not in DISTANCES:
         raise InputError(f"unknown loss {kind!r}; expected one of {sorted(DISTANCES)}")
     return DISTANCES[kind](a.float(), b.float(), c)
+
+
+def hinge_discriminator_loss(logits_fake: Tensor, logits_real: Tensor) -> Tensor:
+    """The hinge GAN loss of the discriminator, ``mean relu(1 + D(fake)) + mean relu(1 - D(real))`` (CTM's, after
+    StyleGAN-XL)."""
+    return (1 + logits_fake.float()).relu().mean() + (1 - logits_real.float()).relu().mean()
+
+
+def hinge_generator_loss(logits_fake: Tensor) -> Tensor:
+    """The generator's side of the hinge GAN, ``-mean D(fake)``."""
+    return -logits_fake.float().mean()

@@ -48,9 +48,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return self.unet if self.unet is not None else self.transformer
 
     @property
+    def model_config(self) -> Any:
+        """The model's config; for a two-time CTM student (:class:`~fastdiff.two_time.TwoTimeModel`), its base UNet's."""
+        config = self.model.config
+        return config["base_config"] if "base_config" in config else config
+
+    @property
     def num_classes(self) -> int:
         """Number of real classes; the model's last label embedding is the null class."""
-        config = self.model.config
+        config = self.model_config
         n = config.get("num_class_embeds") or config.get("num_embeds_ada_norm")
         if not n:
             raise InputError(f"{type(self.model).__name__} has no class embeddings (num_class_embeds / num_embeds_ada_norm)")
@@ -58,8 +64,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        config = self.model.config
-        return (config.in_channels, config.sample_size, config.sample_size)
+        config = self.model_config
+        return (config["in_channels"], config["sample_size"], config["sample_size"])
 
     def _labels(self, class_labels: Any, batch_size: int | None) -> Tensor:
         if class_labels is None:
@@ -100,17 +106,31 @@ class ClassConditionalPipeline(DiffusionPipeline):
         null = torch.full_like(labels, self.num_classes)
         guided = guidance_scale != 1.0
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        jumps = _jump_timesteps(self.scheduler, model)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            y_in = torch.cat([null, labels]) if guided else labels
+            cond = {"class_labels": torch.cat([null, labels]) if guided else labels}
             t_in = torch.as_tensor(t, device=self.device).expand(x_in.shape[0])
-            out = call_model(model, x_in, t_in, {"class_labels": y_in})
+            if jumps is not None:  # CTM: the jump's target time s as well
+                cond["s_timestep"] = jumps[i].to(self.device).expand(x_in.shape[0])
+            out = call_model(model, x_in, t_in, cond)
             if guided:
                 out_u, out_c = out.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
             x = self.scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
         images = _postprocess(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _jump_timesteps(scheduler: Any, model: nn.Module) -> Tensor | None:
+    """A CTM scheduler's target timesteps ``s`` (one per step), checked against the model: ``None`` otherwise."""
+    jumps = getattr(scheduler, "jump_timesteps", None)
+    if jumps is None:
+        return None
+    if "s_timestep" not in inspect.signature(model.forward).parameters:
+        raise InputError(f"{type(scheduler).__name__} jumps to a second time s, which {type(model).__name__} does not take; "
+                         "use it with a CTM student (fastdiff.two_time.TwoTimeModel), or another scheduler")  # fmt: skip
+    return jumps
 
 
 def _postprocess(x: Tensor, output_type: str) -> Any:

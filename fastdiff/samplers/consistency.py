@@ -11,8 +11,9 @@ from torch import Tensor
 from fastdiff.errors import InputError
 from fastdiff.samplers._common import Callback, StepInfo
 from fastdiff.samplers.grids import check_sigmas
+from fastdiff.schedules import batch_view
 
-__all__ = ["sample_consistency", "sample_ctm", "sample_stochastic_multistep"]
+__all__ = ["sample_consistency", "sample_ctm", "ctm_jump", "ctm_target", "ctm_renoise", "sample_stochastic_multistep"]
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -41,23 +42,42 @@ def sample_consistency(f: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str
     return x
 
 
+def ctm_jump(x: Tensor, g: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """CTM's anytime-to-anytime map ``G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s)`` (Kim et al., ICLR 2024, eq. 5) from
+    the network's clean-sample estimate ``g``; ``t``, ``s`` scalars or per-sample ``(B,)``."""
+    r = batch_view(s / t, x)
+    return r * x + (1 - r) * g
+
+
+def ctm_target(t_next: Tensor, gamma: float, sigma_min: float, last: bool) -> Tensor:
+    """CTM gamma-sampling's jump target (Kim et al., ICLR 2024, Algorithm 2): ``s = sqrt(1 - gamma^2)(t_{n+1} -
+    sigma_min) + sigma_min``; the last jump lands on ``t_{n+1}`` itself."""
+    if not 0 <= gamma <= 1:
+        raise InputError(f"CTM gamma must be in [0, 1]; got {gamma}")
+    return t_next if last else (1 - gamma**2) ** 0.5 * (t_next - sigma_min) + sigma_min
+
+
+def ctm_renoise(x_hat: Tensor, s: Tensor, t_next: Tensor, noise: Tensor | None) -> Tensor:
+    """Back up from the jump's ``s`` to ``t_{n+1}``: ``x_hat + sqrt(t_{n+1}^2 - s^2) z`` (``noise=None``: the last jump)."""
+    return x_hat if noise is None else x_hat + (t_next**2 - s**2).clamp(min=0).sqrt() * noise
+
+
 def sample_ctm(g: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
                callback: Callback | None = None, generator: torch.Generator | None = None, gamma: float = 0.0,
                sigma_min: float = 0.002) -> Tensor:  # fmt: skip
-    """CTM gamma-sampling (Kim et al., ICLR 2024, Algorithm 2) for a two-time model ``g(x, t, s, **cond)``:
-    ``s = sqrt(1 - gamma^2)(t_{n+1} - sigma_min) + sigma_min``, jump ``x_hat = g(x, t_n, s)``, re-noise to
-    ``t_{n+1}`` with ``sqrt(t_{n+1}^2 - s^2) z``. ``gamma = 0`` is deterministic, ``gamma = 1`` consistency multistep.
-    A final grid value 0 means a last jump to ``sigma_min``, without noise."""
-    if not 0 <= gamma <= 1:
-        raise InputError(f"CTM gamma must be in [0, 1]; got {gamma}")
+    """CTM gamma-sampling (Kim et al., ICLR 2024, Algorithm 2) for a two-time model ``g(x, t, s, **cond)`` (the jump
+    ``G(x, t, s)``): ``s`` from :func:`ctm_target`, ``x_hat = g(x, t_n, s)``, then :func:`ctm_renoise` to
+    ``t_{n+1}``. ``gamma = 0`` is deterministic, ``gamma = 1`` consistency multistep. A final grid value 0 means a last
+    jump to ``sigma_min``, without noise. :class:`~fastdiff.samplers.diffusers.CTMScheduler` steps with the same rule."""
+    ctm_target(sigmas.new_ones(()), gamma, sigma_min, False)  # checks gamma before any model call
     sigmas = check_sigmas(sigmas, method="CTM sampler").to(x.device, x.dtype)
     for i in range(len(sigmas) - 1):
         t, t_next = sigmas[i], sigmas[i + 1].clamp(min=sigma_min)
         last = i == len(sigmas) - 2
-        s = t_next if last else (1 - gamma**2) ** 0.5 * (t_next - sigma_min) + sigma_min
+        s = ctm_target(t_next, gamma, sigma_min, last)
         x_hat = g(x, t, s, **(cond or {}))
         _report(callback, i, x, x_hat, t, t_next)
-        x = x_hat if last else x_hat + (t_next**2 - s**2).clamp(min=0).sqrt() * _noise(x, generator)
+        x = ctm_renoise(x_hat, s, t_next, None if last else _noise(x, generator))
     return x
 
 

@@ -25,11 +25,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from fastdiff.errors import InputError, check_choice
 from fastdiff.param import canonical_prediction_type, x0_from_output
 from fastdiff.samplers._common import step_dtype
+from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
 from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
@@ -38,7 +40,7 @@ from fastdiff.schedules import TIME_SHIFT_TYPES, FlowSchedule, VPSchedule
 
 __all__ = [
     "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler",
-    "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "FLOW_T_MAX",
+    "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "CTMScheduler", "FLOW_T_MAX",
 ]  # fmt: skip
 
 SOLVERS = {
@@ -402,3 +404,86 @@ class FPNDMScheduler(PseudoNumericalScheduler):
     """F-PNDM: three pseudo Runge-Kutta steps, then 4th-order PLMS (N >= 4 steps, N + 9 evaluations)."""
 
     _default_variant = "f-pndm"
+
+
+class CTMScheduler(SigmaGridScheduler):
+    """CTM gamma-sampling (Kim et al., ICLR 2024, Algorithm 2) for two-time students
+    (:class:`fastdiff.two_time.TwoTimeModel`), with the step rule of :func:`~fastdiff.samplers.sample_ctm`.
+
+    Each step jumps from ``t_n`` to ``s_n = sqrt(1 - gamma^2)(t_{n+1} - sigma_min) + sigma_min`` with ``G(x, t, s) =
+    (s/t) x + (1 - s/t) g`` and re-noises to ``t_{n+1}``; the last jump lands on ``sigma_min``. ``gamma = 0`` is
+    deterministic, ``gamma = 1`` consistency multistep. The model needs ``s`` as well as ``t``: pipelines read it from
+    ``jump_timesteps[i]`` (aligned with ``timesteps``) and pass it as ``s_timestep`` -- fastdiff's
+    ``ClassConditionalPipeline`` does. Grids are the teacher config's (``timestep_spacing`` trailing: 1 step = 999).
+
+    Args:
+        gamma: CTM's gamma in [0, 1].
+        sigma_min: where the last jump lands; ``None``: the schedule's smallest sigma (timestep 0).
+        The rest: diffusers' usual VP config fields.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "trailing",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        gamma: float = 0.0,
+        sigma_min: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        invert_sigmas: bool = False,
+    ):
+        ctm_target(torch.ones(()), gamma, 0.0, False)  # checks gamma
+        self._setup()
+        if self.flow:
+            raise InputError("CTMScheduler samples VP (discrete-time) two-time students; flow-matching configs are not supported")
+        self.jump_sigmas = self.jump_timesteps = torch.zeros(0)
+        self._generator = None
+
+    @property
+    def sigma_min(self) -> float:
+        return self.config.sigma_min if self.config.sigma_min is not None else self.schedule.sigma_min
+
+    def _install(self, grid: Tensor) -> None:
+        self._set_evaluations(grid)
+        last = len(grid) - 2
+        s = [ctm_target(grid[i + 1].clamp(min=self.sigma_min), self.config.gamma, self.sigma_min, i == last) for i in range(last + 1)]
+        self.jump_sigmas = torch.stack(s)
+        self.jump_timesteps = self.schedule.sigma_to_t(self.jump_sigmas).to(torch.float32)
+
+    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Any = None,
+             return_dict: bool = True) -> FastdiffSchedulerOutput | tuple:  # fmt: skip
+        """One CTM jump and re-noising; ``generator`` draws the re-noising (``gamma > 0``)."""
+        self._generator = generator
+        try:
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        finally:
+            self._generator = None
+
+    def _advance(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
+        t = self.sigmas[i].to(x.device, x.dtype)
+        t_next = self.sigmas[i + 1].to(x.device, x.dtype).clamp(min=self.sigma_min)
+        s = self.jump_sigmas[i].to(x.device, x.dtype)
+        x_hat = ctm_jump(x, denoised, t, s)
+        if i == len(self.sigmas) - 2:
+            return ctm_renoise(x_hat, s, t_next, None)
+        gamma = self.config.gamma  # a list of generators draws each image's noise from its own (diffusers' randn_tensor)
+        noise = randn_tensor(x.shape, generator=self._generator, device=x.device, dtype=x.dtype) if gamma > 0 else torch.zeros_like(x)
+        return ctm_renoise(x_hat, s, t_next, noise)

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastdiff.errors import InputError
 from fastdiff.samplers._common import Callback, denoise, to_d
 from fastdiff.samplers.grids import check_sigmas
+from fastdiff.schedules import batch_view
 
 __all__ = [
-    "sample_euler", "sample_heun", "sample_dpmpp_2m", "euler_rule", "dpmpp_2m_rule", "dpmpp_update", "sample_multistep",
+    "sample_euler", "sample_heun", "heun_step", "sample_dpmpp_2m", "euler_rule", "dpmpp_2m_rule", "dpmpp_update", "sample_multistep",
     "named_rule",
 ]  # fmt: skip
 
@@ -49,19 +51,28 @@ def sample_euler(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, An
     return sample_multistep(euler_rule, den, x, sigmas, cond, callback)
 
 
+def heun_step(den: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: Mapping[str, Any] | None = None,
+              callback: Callback | None = None, i: int = 0) -> Tensor:  # fmt: skip
+    """One Heun step from ``sigma`` to ``sigma_next`` (Karras et al. 2022, Algorithm 1 without churn), Euler when
+    ``sigma_next`` is 0. Both are scalars or per-sample ``(B,)`` tensors (CTM's teacher solves every sample between
+    its own pair of grid points)."""
+    s, s_next = batch_view(sigma, x), batch_view(sigma_next, x)
+    d = to_d(x, denoise(den, x, sigma, cond, callback, i, sigma_next), s)
+    x_euler = x + (s_next - s) * d
+    if bool((sigma_next == 0).any()):
+        if not bool((sigma_next == 0).all()):
+            raise InputError("heun_step: sigma_next is 0 for some samples only; step those to 0 separately")
+        return x_euler
+    d_next = to_d(x_euler, denoise(den, x_euler, sigma_next, cond, callback, i, sigma_next), s_next)
+    return x + (s_next - s) * (d + d_next) / 2
+
+
 def sample_heun(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
                 callback: Callback | None = None) -> Tensor:  # fmt: skip
     """Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn); Euler on a final step to 0."""
     sigmas = check_sigmas(sigmas, method="heun").to(x.device, x.dtype)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = to_d(x, denoise(den, x, sigma, cond, callback, i, sigma_next), sigma)
-        x_euler = x + (sigma_next - sigma) * d
-        if sigma_next == 0:
-            x = x_euler
-            continue
-        d_next = to_d(x_euler, denoise(den, x_euler, sigma_next, cond, callback, i, sigma_next), sigma_next)
-        x = x + (sigma_next - sigma) * (d + d_next) / 2
+        x = heun_step(den, x, sigmas[i], sigmas[i + 1], cond, callback, i)
     return x
 
 

@@ -1,14 +1,14 @@
-"""Distillation recipes: iCT / iLCT from data, CD (LCM-style), DMD2 and f-distill from a teacher, run by
+"""Distillation recipes: iCT / iLCT from data, CD (LCM-style), DMD2, f-distill and CTM from a teacher, run by
 :func:`fastdiff.training.trainer.train`.
 
 A :class:`DistillRecipe` (YAML in ``recipes/``) names the objective, data, student network, trainer settings and the
 evaluation; :func:`run_distill` builds them, trains (``--resume latest`` continues), evaluates the EMA student with
 the domain FID of few-step samples, and saves it as a diffusers pipeline folder in ``output_dir/student``:
 iCT/iLCT students with diffusers' ``CMStochasticIterativeScheduler``; CD, DMD2 and f-distill students with
-``LCMScheduler`` (DMD2's multi-step generator on its own grid, ``original_inference_steps = dmd.generator_steps``) --
-all load back with ``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``). Unconditional iCT/iLCT
-students (``conditional: false``) are saved as diffusers' own ``ConsistencyModelPipeline``.
-"""
+``LCMScheduler`` (DMD2's multi-step generator on its own grid, ``original_inference_steps = dmd.generator_steps``);
+CTM students (a :class:`~fastdiff.two_time.TwoTimeModel`) with fastdiff's ``CTMScheduler`` -- all load back with
+``ClassConditionalPipeline.from_pretrained`` (or ``fastdiff sample``). Unconditional iCT/iLCT students
+(``conditional: false``) are saved as diffusers' own ``ConsistencyModelPipeline``."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from fastdiff.errors import InputError
 from fastdiff.training.teacher import DataConfig, ModelConfig, build_model
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "EvalConfig", "run_distill", "build_objective"]
+__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "CTMConfig", "EvalConfig", "run_distill", "build_objective"]
 
-STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill")  # objectives that distil a teacher; their students sample with LCMScheduler
+STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill", "ctm")  # objectives that distil a teacher (LCMScheduler / CTMScheduler students)
 
 
 @dataclass
@@ -81,6 +81,25 @@ class DMDConfig:
 
 
 @dataclass
+class CTMConfig:
+    """CTM (``objective: ctm``) from a teacher pipeline folder (:class:`~fastdiff.objectives.ConsistencyTrajectory`)."""
+
+    teacher: str = "assets/teachers/digits"
+    num_scales: int = 18  # N of the Karras grid (CTM CIFAR-10: 18, ImageNet-64: 40)
+    max_jump: int = 17  # K: teacher Heun steps per jump, p(k) ~ k on 1..K
+    rho: float = 7.0
+    sigma_data: float = 0.5
+    target_ema: float = 0.999  # the target network theta^- (CTM's code: 0.999)
+    distance: Literal["l2", "features", "lpips"] = "l2"  # features: the data set's domain extractor; lpips: VGG LPIPS
+    lpips_weights: str | None = None  # distance lpips: torchvision's vgg16 weights file (read offline, weights_only)
+    dsm_weight: float | None = None  # None: CTM's adaptive weight
+    gan_weight: float | None = 0.0  # 0: no GAN; None: CTM's adaptive weight
+    gan_start: int = 0  # first step with the GAN term
+    guidance_scale: float = 1.0  # the teacher's classifier-free guidance in its Heun solve
+    gamma: float = 0.0  # the student's CTMScheduler: 0 deterministic, 1 consistency multistep
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 360
     steps: tuple[int, ...] = (1, 2)
@@ -89,12 +108,13 @@ class EvalConfig:
 
 @dataclass
 class DistillRecipe:
-    objective: Literal["ict", "ilct", "cd", "dmd2", "f_distill"] = "ict"
+    objective: Literal["ict", "ilct", "cd", "dmd2", "f_distill", "ctm"] = "ict"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # iCT/iLCT; CD students copy the teacher
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    ctm: CTMConfig = field(default_factory=CTMConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     p_uncond: float = 0.1  # label dropout, for classifier-free guidance of the student
@@ -137,6 +157,8 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
         return objective, _cm_scheduler(c)
     if recipe.objective in ("dmd2", "f_distill"):
         return _distribution_matching(recipe, channels, size, num_classes)
+    if recipe.objective == "ctm":
+        return _trajectory(recipe, channels, size, num_classes)
     d = recipe.distill
     pipe, config = _teacher_for(d.teacher, recipe, channels, size, num_classes)
     objective = ConsistencyDistillation(
@@ -180,6 +202,26 @@ def _distribution_matching(recipe: DistillRecipe, channels: int, size: int, num_
     return objective, _lcm_scheduler(config, m.generator_steps)
 
 
+def _trajectory(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
+    from fastdiff.eval.perceptual import perceptual_distance
+    from fastdiff.objectives import ConsistencyTrajectory
+    from fastdiff.objectives.critic import ImageDiscriminator
+    from fastdiff.samplers.diffusers import CTMScheduler
+    from fastdiff.schedules import VPSchedule
+
+    c = recipe.ctm
+    pipe, config = _teacher_for(c.teacher, recipe, channels, size, num_classes)
+    distance = perceptual_distance(c.distance, recipe.data.name, c.lpips_weights)
+    gan = c.gan_weight != 0
+    objective = ConsistencyTrajectory(
+        pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
+        num_scales=c.num_scales, max_jump=c.max_jump, rho=c.rho, sigma_data=c.sigma_data, target_ema=c.target_ema,
+        distance=distance, dsm_weight=c.dsm_weight, gan_weight=c.gan_weight, gan_start=c.gan_start,
+        discriminator=ImageDiscriminator(channels, size) if gan else None, guidance_scale=c.guidance_scale, p_uncond=recipe.p_uncond,
+    )  # fmt: skip
+    return objective, CTMScheduler.from_config(config, gamma=c.gamma)
+
+
 def _cm_scheduler(c: ConsistencyConfig):
     from diffusers import CMStochasticIterativeScheduler
 
@@ -204,8 +246,9 @@ def student_pipeline(net: nn.Module, scheduler: Any):
 
     from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 
-    key = "unet" if "UNet" in type(net).__name__ else "transformer"
-    if key == "unet" and net.config.get("num_class_embeds") is None:
+    key = "transformer" if "Transformer" in type(net).__name__ else "unet"
+    config = net.config.get("base_config", net.config)  # a CTM student's base UNet
+    if key == "unet" and config.get("num_class_embeds") is None:
         pipe = ConsistencyModelPipeline(unet=net, scheduler=scheduler)
     else:
         pipe = ClassConditionalPipeline(scheduler=scheduler, **{key: net})
