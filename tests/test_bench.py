@@ -139,8 +139,8 @@ def test_distill_report_names_each_rows_recipe_switches(tmp_path):
     from fastdiff.bench.distill import DISTILL_RECIPES
 
     stats = {"mean": 4.0, "std": 0.5, "values": [4.0]}
-    rows = [{"objective": label, "recipe": path, "overrides": list(o), "steps": 10, "batch_size": 8, "wall_minutes": 1.0,
-             "fid": {"1": stats, "2": stats}} for label, (path, o) in DISTILL_RECIPES.items()]  # fmt: skip
+    rows = [{"objective": label, "recipe": path, "overrides": list(o), "sampling": rest[0] if rest else {}, "steps": 10, "batch_size": 8,
+             "wall_minutes": 1.0, "fid": {"1": stats, "2": stats}, "training_of": "CTM"} for label, (path, o, *rest) in DISTILL_RECIPES.items()]  # fmt: skip
     data = {"machine": machine(), "quick": False, "num_samples": 8, "seeds": [0], "teacher_50nfe": {**stats, "mean": 2.0},
             "teacher_samplers": {"iPNDM": {"1": stats, "2": stats}}, "rows": rows,
             "trainer_overhead": {"objective": "iCT", "batch_size": 8, "fastdiff_s_per_step": 0.1, "plain_s_per_step": 0.1, "overhead": 0.0}}  # fmt: skip
@@ -151,6 +151,7 @@ def test_distill_report_names_each_rows_recipe_switches(tmp_path):
     assert "| iLCT | `recipes/ilct_digits.yaml` `--set consistency.ot=true` | 10 x 8 |" in report
     assert "| iLCT without OT | `recipes/ilct_digits.yaml` `--set consistency.ot=false` | 10 x 8 |" in report
     assert "| 2.0x |" in report  # 1-step FID / teacher
+    assert "| CTM gamma=1 | `recipes/ctm_digits.yaml`, sampled with `gamma=1.0` (the CTM row's student) | 10 x 8 |" in report
     rows[0]["fid"] = {"1": stats}  # a one-step generator: scored at its recipe's eval steps only
     samplers = {"iPNDM": {"1": stats, "2": stats, "4": stats}}
     (tmp_path / "bench" / "distill.json").write_text(json.dumps({**data, "student_steps": [1, 2, 4], "teacher_samplers": samplers}))
@@ -273,7 +274,7 @@ def test_distill_benchmark_checks_every_recipe_before_any_work(tmp_path, monkeyp
     from fastdiff.errors import InputError
 
     repo = Path(__file__).resolve().parent.parent
-    paths = list(dict.fromkeys(path for path, _ in DISTILL_RECIPES.values()))
+    paths = list(dict.fromkeys(row[0] for row in DISTILL_RECIPES.values()))
     for path in paths[:-1]:  # all but the last
         shutil.copy(repo / path, tmp_path)
     monkeypatch.setattr(extractors, "load_extractor", lambda *a, **k: pytest.fail("work started before the recipes were checked"))

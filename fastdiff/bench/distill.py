@@ -27,9 +27,11 @@ import torch
 
 __all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill", "bench_distill_fashion", "trainer_overhead", "render_distill"]
 
-# label -> (recipe, overrides): iLCT is run as written and without its minibatch OT pairing (the switch that decides
-# the recipe's default on digits); DMD2 as written (one-step generator, fake score updated 5 times per generator
-# update, GAN on), then with one switch each: a 4-step generator, TTUR 1, no GAN; f-distill with each divergence.
+# label -> (recipe, overrides[, sampling]): iLCT is run as written and without its minibatch OT pairing (the switch that
+# decides the recipe's default on digits); DMD2 as written (one-step generator, fake score updated 5 times per generator
+# update, GAN on), then with one switch each: a 4-step generator, TTUR 1, no GAN; f-distill with each divergence; CTM
+# as written (gamma 0, GAN from half-way), with the GAN off, and its student sampled with gamma = 1. ``sampling``:
+# scheduler settings a row samples with; rows with the same recipe and overrides share one training.
 DIVERGENCES = ("reverse_kl", "softened_rkl", "jensen_shannon", "squared_hellinger", "forward_kl", "jeffreys")
 DISTILL_RECIPES = {
     "iCT": ("recipes/ict_digits.yaml", ()),
@@ -41,11 +43,21 @@ DISTILL_RECIPES = {
     "DMD2 TTUR 1": ("recipes/dmd2_digits.yaml", ("trainer.phase_optim.generator.update_every=1",)),
     "DMD2 without GAN": ("recipes/dmd2_digits.yaml", ("dmd.gan_generator_weight=0", "dmd.gan_critic_weight=0")),
     **{f"f-distill {d}": ("recipes/fdistill_digits.yaml", (f"dmd.divergence={d}",)) for d in DIVERGENCES[1:]},  # reverse_kl: the DMD2 row (the same training exactly, tested)
+    "CTM": ("recipes/ctm_digits.yaml", ()),
+    "CTM gamma=1": ("recipes/ctm_digits.yaml", (), {"gamma": 1.0}),
+    "CTM without GAN": ("recipes/ctm_digits.yaml", ("ctm.gan_weight=0",)),
 }
-# the Fashion-MNIST students of the shipped UNet teacher
+# the Fashion-MNIST students of the shipped UNet teacher; the DMD2 ablations (TTUR 1, no GAN, the other divergences)
+# run on digits only: each Fashion-MNIST training is 1-2 CPU-hours
 FASHION_RECIPES = {
     "iCT": ("recipes/ict_fashion_mnist.yaml", ()),
     "CD (LCM-style)": ("recipes/cd_fashion_mnist.yaml", ()),
+    "DMD2": ("recipes/dmd2_fashion_mnist.yaml", ()),
+    "DMD2 4-step": ("recipes/dmd2_fashion_mnist.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
+    "f-distill jensen_shannon": ("recipes/fdistill_fashion_mnist.yaml", ()),
+    "CTM": ("recipes/ctm_fashion_mnist.yaml", ()),
+    "CTM gamma=1": ("recipes/ctm_fashion_mnist.yaml", (), {"gamma": 1.0}),
+    "CTM without GAN": ("recipes/ctm_fashion_mnist.yaml", ("ctm.gan_weight=0",)),
 }
 TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), ("HB-DPM-Solver++(2M)", "hb-dpmpp-2m", {}),
                     ("iPNDM", "ipndm", {}), ("S-PNDM", "s-pndm", {}))  # fmt: skip
@@ -57,7 +69,7 @@ class DistillSet:
     step counts (the table's columns; each row is scored at those of its recipe's ``eval.steps``), and where the
     trainings go (``runs/<label as a slug>``, relative to the current directory)."""
 
-    recipes: dict[str, tuple[str, tuple[str, ...]]]
+    recipes: dict[str, tuple]  # label -> (recipe, overrides[, sampling])
     num_samples: int
     student_steps: tuple[int, ...]
     runs: Path
@@ -105,7 +117,7 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
     from fastdiff.pipelines.sampling import sample_pipeline
 
     spec, cells = DISTILL_SETS[name], cells or Cells(None)
-    paths = {label: recipe_file(path, recipes) for label, (path, _) in spec.recipes.items()}  # all found before any work
+    paths = {label: recipe_file(row[0], recipes) for label, row in spec.recipes.items()}  # all found before any work
     seeds = (0,) if quick else (0, 1, 2)
     n = 60 if quick else spec.num_samples
     steps = spec.student_steps
@@ -123,15 +135,21 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
               "teacher_50nfe": teacher_fid("ddim", {}, 50)}  # fmt: skip
     result["teacher_samplers"] = {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}
     runs = spec.runs if not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
-    rows = []
-    for label, (path, switches) in spec.recipes.items():
-        out = runs / run_folder(label)
-        recipe, minutes = _train(paths[label], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n)
+    rows, trained = [], {}
+    for label, (path, switches, *rest) in spec.recipes.items():
+        sampling = rest[0] if rest else {}
+        if (path, switches) not in trained:  # one training per recipe and overrides, in the first row's folder
+            out = runs / run_folder(label)
+            trained[path, switches] = (*_train(paths[label], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n), out, label)
+        recipe, minutes, out, first = trained[path, switches]
         pipe = load_pipeline(out / "student")
+        if sampling:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **sampling)
         fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
                                    f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
-        rows.append({"objective": label, "recipe": path, "overrides": list(switches), "steps": recipe.trainer.steps,
-                     "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student")})  # fmt: skip
+        rows.append({"objective": label, "recipe": path, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
+                     "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student"),
+                     "training_of": first})  # fmt: skip
     if quick:
         shutil.rmtree(runs, ignore_errors=True)
     result["rows"] = rows
@@ -252,6 +270,8 @@ def render_distill(data: dict) -> list[str]:
     ]  # fmt: skip
     for r in data["rows"]:
         recipe = " ".join([f"`{r['recipe']}`", *(f"`--set {o}`" for o in r.get("overrides", ()))])
+        if r.get("sampling"):
+            recipe += ", sampled with " + ", ".join(f"`{k}={v}`" for k, v in r["sampling"].items()) + f" (the {r['training_of']} row's student)"
         samplers = " / ".join(f"{best[k][0]} {_fmt(best[k][1]['mean'])}" for k in steps)
         lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | "
                      + " | ".join(ms(r["fid"][k]) if k in r["fid"] else "-" for k in steps) + f" | {ms(t)} | {samplers} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip

@@ -23,7 +23,8 @@ denoiser for every ``s``). Noise levels live on an ``N``-point Karras grid over 
 * weights: ``lambda_DSM = ||grad_w L_CTM|| / (||grad_w L_DSM|| + 1e-4)`` clamped to ``[0, 1e4]`` and, from
   ``gan_start`` on, the GAN term ``-mean D(x_est)`` weighted by the same ratio clamped to ``[0.01, 10]`` (``w`` the
   student's last layer, VQGAN's adaptive weight); a fixed ``dsm_weight`` / ``gan_weight`` replaces the ratio;
-* phase ``discriminator`` (with a GAN): hinge loss on real data against ``x_est`` (CTM's ``gan_real_free`` setting).
+* phase ``discriminator`` (with a GAN): hinge loss on real data (``gan_real_free``) against ``x_est`` -- the fake of
+  CTM's ImageNet commands; the code's default fake (``gan_fake_outer_type='no'``) is ``G_theta(x_t, t, sigma_min)``.
 """
 
 from __future__ import annotations
