@@ -155,3 +155,16 @@ def test_ctm_cifar10_recipe_runs_three_steps_with_offline_lpips_and_the_gan(tmp_
     overrides[0] = f"output_dir={tmp_path / 'other'}"
     assert main(["train", str(ROOT / "recipes" / "ctm_cifar10.yaml"), *(a for o in overrides for a in ("--set", o))]) == 2
     assert "download https://download.pytorch.org/models/vgg16-397923af.pth and pass its path" in capsys.readouterr().err
+
+
+def test_a_recipes_identity_leaves_out_other_objectives_sections():
+    """Checkpoints and finished students are matched on the recipe's identity: a DMD2 run recorded before fastdiff had
+    a CTM section (or with other CTM defaults) is the same run; a change to its own section is not."""
+    from fastdiff.training.config import to_dict
+    from fastdiff.training.distill import recipe_identity
+
+    recipe = to_dict(load_config(DistillRecipe, ROOT / "recipes" / "dmd2_digits.yaml"))
+    older = {k: v for k, v in recipe.items() if k != "ctm"}
+    assert recipe_identity(older) == recipe_identity(recipe) == recipe_identity({**recipe, "ctm": {"max_jump": 3}})
+    assert recipe_identity({**recipe, "dmd": {**recipe["dmd"], "generator_steps": 4}}) != recipe_identity(recipe)
+    assert "expected" not in recipe_identity(recipe) and "dmd" in recipe_identity(recipe) and "distill" not in recipe_identity(recipe)

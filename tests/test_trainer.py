@@ -112,6 +112,13 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped(tmp_path):
         find_checkpoint(ckpts, {"recipe": "other"}, "latest")
     _tiny_run(tmp_path, steps=13, resume="latest")  # nothing intact: starts over and replaces the corrupt checkpoints
     assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest") == ckpts / "step_00000012"
+    # a key the fingerprint no longer has (another objective's section, written by an older fastdiff) is not compared;
+    # a key it has that the manifest lacks is a difference
+    manifest = ckpts / "step_00000012" / "fastdiff_checkpoint.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe": {"recipe": "tiny", "dmd": {"teacher": "x"}}}))
+    assert find_checkpoint(ckpts, {"recipe": "tiny"}, "latest") == ckpts / "step_00000012"
+    with pytest.raises(InputError, match="differs in: ctm"):
+        find_checkpoint(ckpts, {"recipe": "tiny", "ctm": {}}, "latest")
 
 
 def test_training_seconds_add_up_over_resumed_pieces(tmp_path):

@@ -191,8 +191,10 @@ def _train(path: Path, overrides: list[str], quick: bool, progress: bool, cells:
 
 
 def _training(recipe: dict) -> dict:
-    """What decides a trained student: the recipe without where it was written."""
-    return {k: v for k, v in recipe.items() if k != "output_dir"}
+    """What decides a trained student: the recipe's identity without where it was written."""
+    from fastdiff.training.distill import recipe_identity
+
+    return {k: v for k, v in recipe_identity(recipe).items() if k != "output_dir"}
 
 
 def trainer_overhead(steps: int = 40, repeats: int = 3, recipes: str | Path = "recipes") -> dict:

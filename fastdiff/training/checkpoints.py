@@ -68,8 +68,9 @@ def _check(folder: Path, fingerprint: dict) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return "no readable manifest (interrupted while writing?)"
-    if manifest.get("recipe") != fingerprint:
-        theirs = manifest.get("recipe", {})
+    # keys the fingerprint no longer has (sections of other objectives an older fastdiff included) are not compared
+    theirs = {k: v for k, v in manifest.get("recipe", {}).items() if k in fingerprint}
+    if theirs != fingerprint:
         keys = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
         raise InputError(f"{folder} was written by a different recipe (differs in: {', '.join(keys)}); use a new output_dir")
     actual = _digest(folder)

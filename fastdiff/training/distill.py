@@ -27,7 +27,8 @@ from fastdiff.errors import InputError
 from fastdiff.training.teacher import DataConfig, ModelConfig, build_model
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "CTMConfig", "EvalConfig", "run_distill", "build_objective"]
+__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "CTMConfig", "EvalConfig", "run_distill", "build_objective",
+           "recipe_identity"]
 
 STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill", "ctm")  # objectives that distil a teacher (LCMScheduler / CTMScheduler students)
 
@@ -132,6 +133,17 @@ def _load_teacher(path: str):
     if not isinstance(pipe, ClassConditionalPipeline):
         raise InputError(f"distill.teacher={path} is a {type(pipe).__name__}; expected a fastdiff class-conditional teacher folder")
     return pipe
+
+
+OBJECTIVE_SECTIONS = {"ict": ("consistency", "model"), "ilct": ("consistency", "model"), "cd": ("distill",), "dmd2": ("dmd",),
+                      "f_distill": ("dmd",), "ctm": ("ctm",)}  # fmt: skip
+
+
+def recipe_identity(recipe: dict) -> dict:
+    """What decides a run of a recipe (as a plain dict): everything but ``expected`` and the sections of the other
+    objectives, so that a section fastdiff adds for a new objective leaves earlier checkpoints and students valid."""
+    others = {s for sections in OBJECTIVE_SECTIONS.values() for s in sections} - set(OBJECTIVE_SECTIONS[recipe["objective"]])
+    return {k: v for k, v in recipe.items() if k != "expected" and k not in others}
 
 
 def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
@@ -328,7 +340,7 @@ def run_distill(recipe: DistillRecipe, resume: str | None = None, progress: bool
                          f"got {tuple(data.data.shape)} with {data.num_classes} classes")  # fmt: skip
     channels, size = data.data.shape[1], data.data.shape[2]
     objective, scheduler = build_objective(recipe, channels, size, data.num_classes)
-    fingerprint = {k: v for k, v in to_dict(recipe).items() if k not in ("expected",)}
+    fingerprint = recipe_identity(to_dict(recipe))
     fingerprint["trainer"] = {k: v for k, v in fingerprint["trainer"].items() if k not in ("steps", "eval_every", "log_every")}
     start = time.time()
     ema_net, record = train(objective, data.data, data.labels, recipe.trainer, out, fingerprint, _evaluator(recipe, scheduler),
