@@ -29,9 +29,18 @@ from torch import Tensor, nn
 
 from fastdiff.errors import InputError
 
-__all__ = ["TwoTimeModel", "check_two_time_base"]
+__all__ = ["TwoTimeModel", "check_two_time_base", "build_base"]
 
 _BASES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def build_base(base_class: str, base_config: dict | None, allowed: tuple[str, ...] = _BASES) -> nn.Module:
+    """The diffusers model ``base_class`` (one of ``allowed``) from its config: what a wrapper model holds as ``base``."""
+    import diffusers
+
+    if base_class not in allowed:
+        raise InputError(f"base_class must be one of {', '.join(allowed)}; got {base_class!r}")
+    return getattr(diffusers, base_class).from_config(dict(base_config or {}))
 
 
 def check_two_time_base(net: nn.Module) -> None:
@@ -53,11 +62,7 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, base_class: str = "UNet2DModel", base_config: dict | None = None):
         super().__init__()
-        import diffusers
-
-        if base_class not in _BASES:
-            raise InputError(f"TwoTimeModel base_class must be one of {', '.join(_BASES)}; got {base_class!r}")
-        self.base = getattr(diffusers, base_class).from_config(dict(base_config or {}))
+        self.base = build_base(base_class, base_config)
         check_two_time_base(self.base)
         linear_1, linear_2 = self.base.time_embedding.linear_1, self.base.time_embedding.linear_2
         self.s_embedding = nn.Sequential(nn.Linear(linear_1.in_features, linear_1.out_features), nn.SiLU(),

@@ -334,3 +334,16 @@ def test_dmd2_layouts_count_memory_and_measure_a_tiny_cell():
     far = {**row, "shape": "SD-1.5", "layout": "three networks", "fits": False, "available_bytes": 2**30}
     table = "\n".join(render_layouts({"batch_size": 1, "guidance_scale": 1.75, "steps": 3, "rows": [row, far]}))
     assert "| SD-1.5 | three networks |" in table and "does not fit (1.0 GiB available): not run" in table
+
+
+def test_distill_rows_sample_with_their_schedulers_settings():
+    """A row's ``sampling``: settings of the student's own scheduler (CTM's gamma) or 2-RF++'s sampler on its grid."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from fastdiff.bench.distill import _sampling_scheduler
+    from fastdiff.samplers.diffusers import CTMScheduler, ReflowScheduler
+
+    ctm = _sampling_scheduler(CTMScheduler.from_config(DDPMScheduler().config), {"gamma": 1.0})
+    assert type(ctm) is CTMScheduler and ctm.config.gamma == 1.0
+    reflow = _sampling_scheduler(FlowMatchEulerDiscreteScheduler(), {"scheduler": "reflow"})
+    assert type(reflow) is ReflowScheduler and reflow.flow

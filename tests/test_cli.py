@@ -50,6 +50,7 @@ OPTIONS = {
     "": "-h --help",
     "info": "-h --help",
     "train": "recipe -h --help --set --resume --lpips-weights --no-progress",
+    "pairs": "teacher -h --help --out --num --scheduler --steps --guidance --seed --shard-size --no-progress",
     "sample": "-h --help --pipeline --scheduler --steps --guidance --num-samples --seed --batch-size --no-progress --classes --out "
               "--nrow --scale --preview --overwrite --cache",
     "cache": "-h --help",

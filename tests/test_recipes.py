@@ -23,7 +23,7 @@ def test_recipe_parses(path):
     assert recipe.expected, f"{path.name} must state its expected cost and result"
 
 
-CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "dmd2", "f_distill", "ctm") and "digits" in p.stem]
+CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "dmd2", "f_distill", "ctm", "reflow") and "digits" in p.stem]
 
 
 @pytest.mark.parametrize("path", CPU_RECIPES, ids=[p.stem for p in CPU_RECIPES])
@@ -34,10 +34,12 @@ def test_consistency_recipe_smoke(path, tmp_path):
 
     overrides = [f"output_dir={tmp_path / 'run'}", "trainer.steps=3", "trainer.batch_size=16", "trainer.tracker=none",
                  "eval.num_samples=10", "eval.steps=[1]", "eval.grid=4"]  # fmt: skip
-    if recipe_objective(path) not in ("cd", "ctm"):
+    if recipe_objective(path) not in ("cd", "ctm", "reflow"):
         overrides += ["model.block_out_channels=[8, 16]", "model.attention=false"]
     if recipe_objective(path) == "ctm":
         overrides += ["ctm.gan_start=1"]  # the GAN term and the discriminator phase run within 3 steps
+    if recipe_objective(path) == "reflow":
+        overrides += [f"reflow.pairs={tmp_path / 'pairs'}", "reflow.num_pairs=40", "reflow.pair_steps=2"]
     student = run_distill(load_config(DistillRecipe, path, overrides), progress=False)
     assert (tmp_path / "run" / "samples" / "step_00000003.png").is_file() and (tmp_path / "run" / "eval.jsonl").is_file()
     pipe = ClassConditionalPipeline.from_pretrained(student)
@@ -46,7 +48,8 @@ def test_consistency_recipe_smoke(path, tmp_path):
     images = pipe(class_labels=[0, 1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
     again = DiffusionPipeline.from_pretrained(student, custom_pipeline="pipeline", trust_remote_code=True)
-    expected = {"ict": "CMStochasticIterativeScheduler", "ilct": "CMStochasticIterativeScheduler", "ctm": "CTMScheduler"}
+    expected = {"ict": "CMStochasticIterativeScheduler", "ilct": "CMStochasticIterativeScheduler", "ctm": "CTMScheduler",
+                "reflow": "FlowMatchEulerDiscreteScheduler"}
     assert type(again.scheduler).__name__ == expected.get(recipe_objective(path), "LCMScheduler")
 
 
@@ -168,3 +171,15 @@ def test_a_recipes_identity_leaves_out_other_objectives_sections():
     assert recipe_identity(older) == recipe_identity(recipe) == recipe_identity({**recipe, "ctm": {"max_jump": 3}})
     assert recipe_identity({**recipe, "dmd": {**recipe["dmd"], "generator_steps": 4}}) != recipe_identity(recipe)
     assert "expected" not in recipe_identity(recipe) and "dmd" in recipe_identity(recipe) and "distill" not in recipe_identity(recipe)
+
+
+def test_reflow_cifar10_recipe_runs_three_steps_with_offline_lpips(tmp_path):
+    """The reflow GPU recipe on tiny random components: pairs made from the tiny teacher, LPIPS-Huber-1/t with a
+    random VGG-16 file; the student is a flow-matching model that loads back with FlowMatchEulerDiscreteScheduler."""
+    import torchvision
+
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg16.pth")
+    overrides = [*_tiny_cifar(tmp_path), f"reflow.teacher={tmp_path / 'teacher'}", f"reflow.pairs={tmp_path / 'pairs'}",
+                 "reflow.num_pairs=8", "reflow.pair_steps=2", f"reflow.lpips_weights={tmp_path / 'vgg16.pth'}"]  # fmt: skip
+    pipe = _samples_back(run_distill(load_config(DistillRecipe, ROOT / "recipes" / "reflow_cifar10.yaml", overrides), progress=False))
+    assert type(pipe.unet).__name__ == "VPFlowModel" and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"

@@ -30,7 +30,8 @@ __all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill"
 # label -> (recipe, overrides[, sampling]): iLCT is run as written and without its minibatch OT pairing (the switch that
 # decides the recipe's default on digits); DMD2 as written (one-step generator, fake score updated 5 times per generator
 # update, GAN on), then with one switch each: a 4-step generator, TTUR 1, no GAN; f-distill with each divergence; CTM
-# as written (gamma 0, GAN from half-way), with the GAN off, and its student sampled with gamma = 1. ``sampling``:
+# as written (gamma 0, GAN from half-way), with the GAN off, and its student sampled with gamma = 1; 2-RF++ as written
+# (U-shaped t, LPIPS-Huber-1/t), sampled with its own sampler, then with uniform t, L2, pseudo-Huber. ``sampling``:
 # scheduler settings a row samples with; rows with the same recipe and overrides share one training.
 DIVERGENCES = ("reverse_kl", "softened_rkl", "jensen_shannon", "squared_hellinger", "forward_kl", "jeffreys")
 DISTILL_RECIPES = {
@@ -46,6 +47,11 @@ DISTILL_RECIPES = {
     "CTM": ("recipes/ctm_digits.yaml", ()),
     "CTM gamma=1": ("recipes/ctm_digits.yaml", (), {"gamma": 1.0}),
     "CTM without GAN": ("recipes/ctm_digits.yaml", ("ctm.gan_weight=0",)),
+    "2-RF++": ("recipes/reflow_digits.yaml", ()),
+    "2-RF++ reuse-noise sampler": ("recipes/reflow_digits.yaml", (), {"scheduler": "reflow"}),
+    "2-RF++ uniform t": ("recipes/reflow_digits.yaml", ("reflow.t_distribution=uniform",)),
+    "2-RF++ L2": ("recipes/reflow_digits.yaml", ("reflow.loss=l2",)),
+    "2-RF++ pseudo-Huber": ("recipes/reflow_digits.yaml", ("reflow.loss=pseudo_huber",)),
 }
 # the Fashion-MNIST students of the shipped UNet teacher; the DMD2 ablations (TTUR 1, no GAN, the other divergences)
 # run on digits only: each Fashion-MNIST training is 1-2 CPU-hours
@@ -58,6 +64,8 @@ FASHION_RECIPES = {
     "CTM": ("recipes/ctm_fashion_mnist.yaml", ()),
     "CTM gamma=1": ("recipes/ctm_fashion_mnist.yaml", (), {"gamma": 1.0}),
     "CTM without GAN": ("recipes/ctm_fashion_mnist.yaml", ("ctm.gan_weight=0",)),
+    "2-RF++": ("recipes/reflow_fashion_mnist.yaml", ()),
+    "2-RF++ reuse-noise sampler": ("recipes/reflow_fashion_mnist.yaml", (), {"scheduler": "reflow"}),
 }
 TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), ("HB-DPM-Solver++(2M)", "hb-dpmpp-2m", {}),
                     ("iPNDM", "ipndm", {}), ("S-PNDM", "s-pndm", {}))  # fmt: skip
@@ -144,7 +152,7 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
         recipe, minutes, out, first = trained[path, switches]
         pipe = load_pipeline(out / "student")
         if sampling:
-            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **sampling)
+            pipe.scheduler = _sampling_scheduler(pipe.scheduler, sampling)
         fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
                                    f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
         rows.append({"objective": label, "recipe": path, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
@@ -154,6 +162,16 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
         shutil.rmtree(runs, ignore_errors=True)
     result["rows"] = rows
     return result
+
+
+def _sampling_scheduler(scheduler: Any, sampling: dict) -> Any:
+    """A row's scheduler: the student's own with ``sampling``'s settings, or (``"scheduler": "reflow"``) 2-RF++'s sampler
+    on the student's grid."""
+    from fastdiff.samplers.diffusers import ReflowScheduler
+
+    settings = {k: v for k, v in sampling.items() if k != "scheduler"}
+    cls = {"reflow": ReflowScheduler}[sampling["scheduler"]] if "scheduler" in sampling else type(scheduler)
+    return cls.from_config(scheduler.config, **settings)
 
 
 def _student_samples(recipe, pipe, n, steps, seed):

@@ -86,6 +86,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(3) from None
 
 
+def cmd_pairs(args: argparse.Namespace) -> None:
+    """Make (or finish) reflow's training pairs from a teacher (:func:`fastdiff.training.pairs.generate_pairs`)."""
+    from fastdiff.training.pairs import generate_pairs, load_pairs
+
+    out = generate_pairs(args.teacher, args.out, args.num, args.scheduler, args.steps, args.guidance, args.seed, args.shard_size,
+                         progress=not args.no_progress)  # fmt: skip
+    manifest = load_pairs(out)[3]
+    print(f"{out}: {manifest['num']} pairs from {manifest['teacher']} ({manifest['scheduler_class']}, {manifest['steps']} steps = "
+          f"{manifest['nfe']:g} NFE), {manifest['minutes']:.1f} minutes")  # fmt: skip
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     """Sample a pipeline: a preview grid PNG (at most ``--preview`` images) and every image in an .npz."""
     from fastdiff.eval.assets import pipeline_path

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make diffusion models fast: few-step solvers, feature caching and distillation on diffusers.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_info, _add_train, _add_sample, _add_cache, _add_fid, _add_quickstart, _add_bench, _add_schedule, _add_data):
+    for add in (_add_info, _add_train, _add_pairs, _add_sample, _add_cache, _add_fid, _add_quickstart, _add_bench, _add_schedule, _add_data):
         add(sub)
     return parser
 
@@ -191,6 +191,23 @@ def _add_schedule(sub: Subparsers) -> None:
     p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="override timestep_spacing")
     p.add_argument("--mu", type=float, help="Flux's resolution shift, needed by use_dynamic_shifting configs")
     p.set_defaults(func=commands.cmd_schedule)
+
+
+def _add_pairs(sub: Subparsers) -> None:
+    from fastdiff.pipelines.sampling import SCHEDULERS
+
+    p = sub.add_parser("pairs", help="reflow's (noise, teacher sample) pairs, written in shards as they are made (resumable)")
+    p.add_argument("teacher", help="a teacher pipeline folder or a shipped teacher's name (digits, fashion-mnist)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the pairs folder (pairs.json + shard_*.safetensors); "
+                   "running the same command again finishes an interrupted run")
+    p.add_argument("--num", type=int, default=20000, help="number of pairs (default %(default)s)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="dpmpp-2m", help="the ODE solver (default %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="solver steps per pair (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the teacher (default 1: none)")
+    p.add_argument("--seed", type=int, default=0, help="pair i starts from the noise of (seed, i) (default 0)")
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard file (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=commands.cmd_pairs)
 
 
 def _add_data(sub: Subparsers) -> None:

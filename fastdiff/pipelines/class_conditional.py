@@ -100,15 +100,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
         n = labels.shape[0]
         model = self.model
         # the grid first: init_noise_sigma of sigma-space schedulers (Euler, Heun) depends on it, as in diffusers' pipelines
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **_flow_sigmas(self.scheduler, num_inference_steps))
         x = randn_tensor((n, *self.image_shape), generator=generator, device=self.device, dtype=model.dtype)
-        x = x * self.scheduler.init_noise_sigma
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start from N(0, I) and have none
         null = torch.full_like(labels, self.num_classes)
         guided = guidance_scale != 1.0
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         jumps = _jump_timesteps(self.scheduler, model)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            x_in = torch.cat([x, x]) if guided else x
+            x_in = self.scheduler.scale_model_input(x_in, t) if hasattr(self.scheduler, "scale_model_input") else x_in
             cond = {"class_labels": torch.cat([null, labels]) if guided else labels}
             t_in = torch.as_tensor(t, device=self.device).expand(x_in.shape[0])
             if jumps is not None:  # CTM: the jump's target time s as well
@@ -120,6 +121,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
             x = self.scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
         images = _postprocess(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _flow_sigmas(scheduler: Any, steps: int) -> dict:
+    """For a flow-matching scheduler, the grid diffusers' flow pipelines pass (SD3, Flux: ``sigmas = linspace(1, 1/N,
+    N)``); FlowMatchEuler's own default ends at 1/1000, which makes its last steps nearly empty."""
+    flow = type(scheduler).__name__.startswith("FlowMatch") or getattr(scheduler, "flow", False)
+    if not flow or "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        return {}
+    return {"sigmas": np.linspace(1.0, 1 / steps, steps).tolist()}
 
 
 def _jump_timesteps(scheduler: Any, model: nn.Module) -> Tensor | None:

@@ -90,11 +90,13 @@ def sample_pipeline(
     batch_size: int = 250,
     class_labels: Tensor | None = None,
     progress: bool = False,
+    first_index: int = 0,
 ) -> Samples:
     """Draw ``num_samples`` images from a :class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline`.
 
     Labels default to ``0, 1, ..., num_classes - 1`` repeated (balanced classes). Returns the raw samples (before
-    clipping, so divergence can be measured) and the NFE per image.
+    clipping, so divergence can be measured) and the NFE per image. Image ``i`` is drawn from the seed of
+    ``first_index + i`` (:func:`image_seed`), so a run cut into pieces (reflow's pair shards) gives the same images.
     """
     from tqdm.auto import tqdm
 
@@ -109,7 +111,7 @@ def sample_pipeline(
     try:
         for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress, leave=False):
             idx = range(start, min(start + batch_size, num_samples))
-            gens = [torch.Generator(pipe.device).manual_seed(image_seed(seed, i)) for i in idx]
+            gens = [torch.Generator(pipe.device).manual_seed(image_seed(seed, first_index + i)) for i in idx]
             out = pipe(labels[idx.start : idx.stop], num_inference_steps, guidance_scale, gens, output_type="latent")
             images.append(out.images.float().cpu())
             batches += 1

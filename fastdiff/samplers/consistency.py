@@ -13,7 +13,8 @@ from fastdiff.samplers._common import Callback, StepInfo
 from fastdiff.samplers.grids import check_sigmas
 from fastdiff.schedules import batch_view
 
-__all__ = ["sample_consistency", "sample_ctm", "ctm_jump", "ctm_target", "ctm_renoise", "sample_stochastic_multistep"]
+__all__ = ["sample_consistency", "sample_ctm", "ctm_jump", "ctm_target", "ctm_renoise", "sample_stochastic_multistep",
+           "sample_reflow", "reuse_noise_step"]
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -96,4 +97,25 @@ def sample_stochastic_multistep(f: Callable, x: Tensor, sigmas: Tensor, cond: Ma
         _report(callback, i, x, x0, sigma, sigma_next)
         eps_hat = (x - x0) / sigma
         x = x0 + sigma_next * ((1 - eta**2) ** 0.5 * eps_hat + eta * _noise(x, generator))
+    return x
+
+
+def reuse_noise_step(denoised: Tensor, sigma_next: Tensor, eps1: Tensor) -> Tensor:
+    """2-RF++'s step that re-uses the initial noise: ``x_{i+1} = x0_hat + sigma_{i+1} eps_1``, in flow time
+    ``z_{t'} = (1 - t') x0_hat + t' z_1`` (official ``generate.py`` ``sample_ode_generative``, ``sampler='new'``)."""
+    return denoised + sigma_next * eps1
+
+
+def sample_reflow(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                  callback: Callback | None = None) -> Tensor:  # fmt: skip
+    """2-RF++'s sampler for (nearly straight) rectified flows: each step predicts ``x0_hat`` and moves to the next
+    level along the line to the *initial* noise ``eps_1 = x_0 / sigma_0`` (:func:`reuse_noise_step`), not along the
+    current direction. One step is Euler; from two steps on it differs from Euler / FlowMatchEuler.
+    :class:`~fastdiff.samplers.diffusers.ReflowScheduler` steps with the same rule."""
+    sigmas = check_sigmas(sigmas, method="reflow sampler").to(x.device, x.dtype)
+    eps1 = x / sigmas[0]
+    for i in range(len(sigmas) - 1):
+        denoised = den(x, sigmas[i], **(cond or {}))
+        _report(callback, i, x, denoised, sigmas[i], sigmas[i + 1])
+        x = reuse_noise_step(denoised, sigmas[i + 1], eps1)
     return x

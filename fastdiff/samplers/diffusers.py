@@ -31,7 +31,7 @@ from torch import Tensor
 from fastdiff.errors import InputError, check_choice
 from fastdiff.param import canonical_prediction_type, x0_from_output
 from fastdiff.samplers._common import step_dtype
-from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target
+from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target, reuse_noise_step
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
 from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
@@ -40,7 +40,7 @@ from fastdiff.schedules import TIME_SHIFT_TYPES, FlowSchedule, VPSchedule
 
 __all__ = [
     "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler",
-    "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "CTMScheduler", "FLOW_T_MAX",
+    "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "CTMScheduler", "ReflowScheduler", "FLOW_T_MAX",
 ]  # fmt: skip
 
 SOLVERS = {
@@ -487,3 +487,49 @@ class CTMScheduler(SigmaGridScheduler):
         gamma = self.config.gamma  # a list of generators draws each image's noise from its own (diffusers' randn_tensor)
         noise = randn_tensor(x.shape, generator=self._generator, device=x.device, dtype=x.dtype) if gamma > 0 else torch.zeros_like(x)
         return ctm_renoise(x_hat, s, t_next, noise)
+
+
+class ReflowScheduler(SigmaGridScheduler):
+    """2-RF++'s sampler (:func:`~fastdiff.samplers.sample_reflow`) as a diffusers scheduler: each step moves to the
+    next level along the line from ``x0_hat`` to the *initial* noise, kept from the first step. For flow-matching
+    models (rectified-flow students; ``FlowMatchEulerDiscreteScheduler``'s grid and config) and VP ones alike. Started
+    part-way (img2img, ``set_begin_index``), the first sample it sees stands in for the initial noise."""
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        invert_sigmas: bool = False,
+    ):
+        self._eps1 = None
+        self._setup()
+
+    def _install(self, grid: Tensor) -> None:
+        self._eps1 = None
+        self._set_evaluations(grid)
+
+    def _advance(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
+        sigma, sigma_next = self.sigmas[i : i + 2].to(x.device, x.dtype)
+        if self._eps1 is None:
+            self._eps1 = x / sigma
+        return reuse_noise_step(denoised, sigma_next, self._eps1)

@@ -86,10 +86,12 @@ def step_indices(n: int, step: int, batch_size: int, seed: int) -> Tensor:
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-def global_batch(images: Tensor, labels: Tensor, step: int, batch_size: int, seed: int) -> Batch:
-    """The global batch of step ``step`` (:func:`step_indices`), with the per-sample seeds of :func:`sample_seeds`."""
+def global_batch(images: Tensor, labels: Tensor, step: int, batch_size: int, seed: int, extras: dict[str, Tensor] | None = None) -> Batch:
+    """The global batch of step ``step`` (:func:`step_indices`), with the per-sample seeds of :func:`sample_seeds` and
+    the same rows of each of ``extras`` (e.g. reflow's ``noise``, paired with ``x``)."""
     idx = step_indices(len(images), step, batch_size, seed).to(images.device)
-    return {"x": images[idx], "labels": labels[idx], "seeds": sample_seeds(step, batch_size, seed, images.device)}
+    rows = {k: v[idx] for k, v in (extras or {}).items()}
+    return {"x": images[idx], "labels": labels[idx], "seeds": sample_seeds(step, batch_size, seed, images.device), **rows}
 
 
 def _share(batch: Batch, rank: int, world: int) -> Batch:
@@ -97,19 +99,23 @@ def _share(batch: Batch, rank: int, world: int) -> Batch:
 
 
 class TensorSource:
-    """Samples and labels held as tensors (moved to the training device once): bit-exact resume."""
+    """Samples and labels held as tensors (moved to the training device once): bit-exact resume. ``extras``: more
+    per-sample tensors that travel with each sample (reflow's pairs: ``{"noise": ...}``)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, seed: int = 0):
-        if len(images) != len(labels):
-            raise InputError(f"{len(images)} samples but {len(labels)} labels")
-        self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, seed: int = 0, extras: dict[str, Tensor] | None = None):
+        extras = dict(extras or {})
+        for name, values in {"labels": labels, **extras}.items():
+            if len(values) != len(images):
+                raise InputError(f"{len(images)} samples but {len(values)} {name}")
+        self.images, self.labels, self.batch_size, self.seed, self.extras = images, labels, batch_size, seed, extras
 
     def to(self, device: torch.device | str) -> TensorSource:
-        return TensorSource(self.images.to(device), self.labels.to(device), self.batch_size, self.seed)
+        extras = {k: v.to(device) for k, v in self.extras.items()}
+        return TensorSource(self.images.to(device), self.labels.to(device), self.batch_size, self.seed, extras)
 
     def batch(self, step: int) -> Batch:
         """The global batch of step ``step``."""
-        return global_batch(self.images, self.labels, step, self.batch_size, self.seed)
+        return global_batch(self.images, self.labels, step, self.batch_size, self.seed, self.extras)
 
     def batches(self, start: int, rank: int = 0, world: int = 1, state: dict | None = None) -> Batches:
         return Batches(_share(self.batch(step), rank, world) for step in count(start))

@@ -27,10 +27,11 @@ from fastdiff.errors import InputError
 from fastdiff.training.teacher import DataConfig, ModelConfig, build_model
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "CTMConfig", "EvalConfig", "run_distill", "build_objective",
+__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "CTMConfig", "ReflowConfig", "EvalConfig", "run_distill",
+           "build_objective",
            "recipe_identity"]
 
-STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill", "ctm")  # objectives that distil a teacher (LCMScheduler / CTMScheduler students)
+STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill", "ctm", "reflow")  # objectives that distil a teacher; students sample through their pipeline
 
 
 @dataclass
@@ -101,6 +102,24 @@ class CTMConfig:
 
 
 @dataclass
+class ReflowConfig:
+    """Reflow with 2-RF++ (``objective: reflow``): pairs from the teacher (made into ``pairs`` when missing, resumable),
+    a flow-matching student initialised from the teacher (:class:`~fastdiff.objectives.reflow.Reflow`)."""
+
+    teacher: str = "assets/teachers/digits"
+    pairs: str = "runs/pairs-digits"  # the pairs folder, shared by every run that names it
+    num_pairs: int = 20000
+    pair_scheduler: str = "dpmpp-2m"  # any name of `fastdiff sample --scheduler`
+    pair_steps: int = 20
+    loss: Literal["l2", "pseudo_huber", "lpips_huber"] = "lpips_huber"
+    distance: Literal["lpips", "features"] = "features"  # lpips_huber's perceptual term
+    lpips_weights: str | None = None
+    t_distribution: Literal["u_shaped", "uniform"] = "u_shaped"
+    a: float = 4.0  # the U-shaped distribution's a (2-RF++: 4 in every config)
+    sampler: Literal["euler", "reuse_noise"] = "euler"  # the student's scheduler: FlowMatchEuler or 2-RF++'s "new" sampler
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 360
     steps: tuple[int, ...] = (1, 2)
@@ -109,13 +128,14 @@ class EvalConfig:
 
 @dataclass
 class DistillRecipe:
-    objective: Literal["ict", "ilct", "cd", "dmd2", "f_distill", "ctm"] = "ict"
+    objective: Literal["ict", "ilct", "cd", "dmd2", "f_distill", "ctm", "reflow"] = "ict"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # iCT/iLCT; CD students copy the teacher
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     ctm: CTMConfig = field(default_factory=CTMConfig)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     p_uncond: float = 0.1  # label dropout, for classifier-free guidance of the student
@@ -136,7 +156,7 @@ def _load_teacher(path: str):
 
 
 OBJECTIVE_SECTIONS = {"ict": ("consistency", "model"), "ilct": ("consistency", "model"), "cd": ("distill",), "dmd2": ("dmd",),
-                      "f_distill": ("dmd",), "ctm": ("ctm",)}  # fmt: skip
+                      "f_distill": ("dmd",), "ctm": ("ctm",), "reflow": ("reflow",)}  # fmt: skip
 
 
 def recipe_identity(recipe: dict) -> dict:
@@ -171,6 +191,8 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
         return _distribution_matching(recipe, channels, size, num_classes)
     if recipe.objective == "ctm":
         return _trajectory(recipe, channels, size, num_classes)
+    if recipe.objective == "reflow":
+        return _reflow(recipe, channels, size, num_classes)
     d = recipe.distill
     pipe, config = _teacher_for(d.teacher, recipe, channels, size, num_classes)
     objective = ConsistencyDistillation(
@@ -232,6 +254,36 @@ def _trajectory(recipe: DistillRecipe, channels: int, size: int, num_classes: in
         discriminator=ImageDiscriminator(channels, size) if gan else None, guidance_scale=c.guidance_scale, p_uncond=recipe.p_uncond,
     )  # fmt: skip
     return objective, CTMScheduler.from_config(config, gamma=c.gamma)
+
+
+def _reflow(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fastdiff.eval.perceptual import perceptual_distance
+    from fastdiff.objectives.reflow import Reflow
+    from fastdiff.samplers.diffusers import ReflowScheduler
+
+    r = recipe.reflow
+    pipe, config = _teacher_for(r.teacher, recipe, channels, size, num_classes)
+    distance = perceptual_distance(r.distance, recipe.data.name, r.lpips_weights) if r.loss == "lpips_huber" else None
+    objective = Reflow(pipe.model, config, num_classes, loss=r.loss, distance=distance, t_distribution=r.t_distribution, a=r.a,
+                       p_uncond=recipe.p_uncond)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    return objective, ReflowScheduler.from_config(scheduler.config) if r.sampler == "reuse_noise" else scheduler
+
+
+def _training_data(recipe: DistillRecipe, data: Any, progress: bool) -> tuple[Any, Any]:
+    """What the trainer draws batches from: the data set's images, or (reflow) the teacher's pairs, made first where
+    missing (:func:`~fastdiff.training.pairs.generate_pairs`; resumable) -- the pairs' x, labels and noise."""
+    if recipe.objective != "reflow":
+        return data.data, data.labels
+    from fastdiff.training.data import TensorSource
+    from fastdiff.training.pairs import generate_pairs, load_pairs
+
+    r = recipe.reflow
+    generate_pairs(r.teacher, r.pairs, r.num_pairs, r.pair_scheduler, r.pair_steps, seed=recipe.trainer.seed, progress=progress)
+    x, noise, labels, _ = load_pairs(r.pairs)
+    return TensorSource(x, labels, recipe.trainer.batch_size, recipe.trainer.seed, {"noise": noise}), None
 
 
 def _cm_scheduler(c: ConsistencyConfig):
@@ -343,7 +395,8 @@ def run_distill(recipe: DistillRecipe, resume: str | None = None, progress: bool
     fingerprint = recipe_identity(to_dict(recipe))
     fingerprint["trainer"] = {k: v for k, v in fingerprint["trainer"].items() if k not in ("steps", "eval_every", "log_every")}
     start = time.time()
-    ema_net, record = train(objective, data.data, data.labels, recipe.trainer, out, fingerprint, _evaluator(recipe, scheduler),
+    images, labels = _training_data(recipe, data, progress)
+    ema_net, record = train(objective, images, labels, recipe.trainer, out, fingerprint, _evaluator(recipe, scheduler),
                             resume=resume, progress=progress)  # fmt: skip
     if record["is_main_process"]:
         _save_student(recipe, ema_net, scheduler, out, record, time.time() - start)
