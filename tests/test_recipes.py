@@ -23,7 +23,7 @@ def test_recipe_parses(path):
     assert recipe.expected, f"{path.name} must state its expected cost and result"
 
 
-CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "dmd2", "f_distill", "ctm", "reflow") and "digits" in p.stem]
+CPU_RECIPES = [p for p in RECIPES if recipe_objective(p) in ("ict", "ilct", "cd", "scott", "dmd2", "f_distill", "ctm", "reflow") and "digits" in p.stem]
 
 
 @pytest.mark.parametrize("path", CPU_RECIPES, ids=[p.stem for p in CPU_RECIPES])
@@ -34,7 +34,7 @@ def test_consistency_recipe_smoke(path, tmp_path):
 
     overrides = [f"output_dir={tmp_path / 'run'}", "trainer.steps=3", "trainer.batch_size=16", "trainer.tracker=none",
                  "eval.num_samples=10", "eval.steps=[1]", "eval.grid=4"]  # fmt: skip
-    if recipe_objective(path) not in ("cd", "ctm", "reflow"):
+    if recipe_objective(path) not in ("cd", "scott", "ctm", "reflow"):
         overrides += ["model.block_out_channels=[8, 16]", "model.attention=false"]
     if recipe_objective(path) == "ctm":
         overrides += ["ctm.gan_start=1"]  # the GAN term and the discriminator phase run within 3 steps

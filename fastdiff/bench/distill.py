@@ -31,7 +31,8 @@ __all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill"
 # decides the recipe's default on digits); DMD2 as written (one-step generator, fake score updated 5 times per generator
 # update, GAN on), then with one switch each: a 4-step generator, TTUR 1, no GAN; f-distill with each divergence; CTM
 # as written (gamma 0, GAN from half-way), with the GAN off, and its student sampled with gamma = 1; 2-RF++ as written
-# (U-shaped t, LPIPS-Huber-1/t), sampled with its own sampler, then with uniform t, L2, pseudo-Huber. ``sampling``:
+# (U-shaped t, LPIPS-Huber-1/t), sampled with its own sampler, then with uniform t, L2, pseudo-Huber; SCott as written
+# (eta 0.3, h 3, adversary) and one switch each. ``sampling``:
 # scheduler settings a row samples with; rows with the same recipe and overrides share one training.
 DIVERGENCES = ("reverse_kl", "softened_rkl", "jensen_shannon", "squared_hellinger", "forward_kl", "jeffreys")
 DISTILL_RECIPES = {
@@ -39,6 +40,11 @@ DISTILL_RECIPES = {
     "iLCT": ("recipes/ilct_digits.yaml", ("consistency.ot=true",)),
     "iLCT without OT": ("recipes/ilct_digits.yaml", ("consistency.ot=false",)),
     "CD (LCM-style)": ("recipes/cd_digits.yaml", ()),
+    "SCott": ("recipes/scott_digits.yaml", ()),
+    "SCott eta=0": ("recipes/scott_digits.yaml", ("scott.eta=0",)),
+    "SCott eta=1": ("recipes/scott_digits.yaml", ("scott.eta=1",)),
+    "SCott h=1": ("recipes/scott_digits.yaml", ("scott.substeps=1",)),
+    "SCott without adversary": ("recipes/scott_digits.yaml", ("scott.adversarial_weight=0",)),
     "DMD2": ("recipes/dmd2_digits.yaml", ()),
     "DMD2 4-step": ("recipes/dmd2_digits.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
     "DMD2 TTUR 1": ("recipes/dmd2_digits.yaml", ("trainer.phase_optim.generator.update_every=1",)),
@@ -58,6 +64,7 @@ DISTILL_RECIPES = {
 FASHION_RECIPES = {
     "iCT": ("recipes/ict_fashion_mnist.yaml", ()),
     "CD (LCM-style)": ("recipes/cd_fashion_mnist.yaml", ()),
+    "SCott": ("recipes/scott_fashion_mnist.yaml", ()),
     "DMD2": ("recipes/dmd2_fashion_mnist.yaml", ()),
     "DMD2 4-step": ("recipes/dmd2_fashion_mnist.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
     "f-distill jensen_shannon": ("recipes/fdistill_fashion_mnist.yaml", ()),

@@ -78,6 +78,9 @@ class ConsistencyDistillation(Objective):
             same network with the adapter disabled, the target the student under stop-gradient.
         guidance_embedding: give the (full) student LCM's guidance-scale embedding of dimension
             ``guidance_embedding`` (``UNet2DConditionModel`` only), conditioned on the ``w`` the teacher used.
+        teacher_eta, teacher_substeps: the teacher's step from ``t`` to ``t - k`` as ``teacher_substeps`` DDIM steps
+            with noise ``eta`` (SCott's stochastic teacher, :mod:`fastdiff.objectives.stochastic_consistency`); 0 and 1
+            are LCM's single deterministic DDIM step exactly.
     """
 
     phases = ("student",)
@@ -85,7 +88,8 @@ class ConsistencyDistillation(Objective):
     def __init__(self, teacher: nn.Module, schedule, prediction_type: str, conditioner: Any, *,
                  num_ddim_timesteps: int = 50, guidance_scale: float = 1.0, guidance_max: float | None = None,
                  target_ema: float = 0.95, loss: str = "l2", huber_c: float = 0.001, timestep_scaling: float = 10.0,
-                 p_uncond: float = 0.0, lora_rank: int | None = None, guidance_embedding: int | None = None):  # fmt: skip
+                 p_uncond: float = 0.0, lora_rank: int | None = None, guidance_embedding: int | None = None,
+                 teacher_eta: float = 0.0, teacher_substeps: int = 1):  # fmt: skip
         super().__init__()
         if loss not in ("l2", "pseudo_huber", "pseudo_huber_elementwise"):
             raise InputError(f"distillation loss must be 'l2', 'pseudo_huber' or 'pseudo_huber_elementwise'; got {loss!r}")
@@ -116,6 +120,9 @@ class ConsistencyDistillation(Objective):
         self.guidance = (guidance_scale, guidance_max if guidance_max is not None else guidance_scale)
         self.target_ema, self.loss_kind, self.huber_c = target_ema, loss, huber_c
         self.timestep_scaling, self.p_uncond = timestep_scaling, p_uncond
+        if not 0 <= teacher_eta <= 1 or not 1 <= teacher_substeps <= self.k:
+            raise InputError(f"teacher_eta must be in [0, 1] and teacher_substeps in 1..{self.k} (the skip); got {teacher_eta}, {teacher_substeps}")
+        self.teacher_eta, self.teacher_substeps = teacher_eta, teacher_substeps
 
     def parameters_for(self, phase: str) -> Iterable[nn.Parameter]:
         return (p for p in self.net.parameters() if p.requires_grad)
@@ -146,8 +153,22 @@ class ConsistencyDistillation(Objective):
             self.net.enable_adapters()
 
     @torch.no_grad()
-    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond: dict, uncond: dict, w: Tensor) -> Tensor:
-        """One DDIM step of the guided teacher from ``t`` to ``t_prev`` (``t_prev = -1``: to the clean sample)."""
+    def teacher_solve(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond: dict, uncond: dict, w: Tensor, seeds: Tensor) -> Tensor:
+        """The guided teacher from ``t`` to ``t_prev`` in ``teacher_substeps`` DDIM(eta) steps at rounded, evenly spaced
+        timesteps; sub-step ``j``'s noise comes from stream ``10 + j`` of each sample's seed."""
+        h, x = self.teacher_substeps, x_t
+        for j in range(h):
+            s, s_next = (t - ((t - t_prev) * j / h).round().long()), (t - ((t - t_prev) * (j + 1) / h).round().long())
+            noise = per_sample_randn(x, seeds, 10 + j) if self.teacher_eta > 0 else None
+            x = self._teacher_ddim(x, s, s_next, cond, uncond, w, noise)
+        return x
+
+    @torch.no_grad()
+    def _teacher_ddim(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond: dict, uncond: dict, w: Tensor, noise: Tensor | None = None) -> Tensor:
+        """One DDIM step of the guided teacher from ``t`` to ``t_prev`` (``t_prev = -1``: to the clean sample); with
+        ``noise``, DDIM with ``eta`` (Song et al. 2021, eq. 12 and 16; diffusers' ``DDIMScheduler.step``):
+        ``sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')``, ``x' = sqrt(abar') x0 +
+        sqrt(1 - abar' - sigma^2) eps + sigma z``."""
         with self._teacher() as teacher:
             if bool((w != 1).any()):
                 both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
@@ -159,9 +180,18 @@ class ConsistencyDistillation(Objective):
         eps = (x_t - alpha * x0) / beta
         abar = self.schedule.alphas_cumprod.to(x_t.device, x_t.dtype)[t_prev.clamp(min=0)]  # cast first: no float64 on MPS
         abar_prev = view(torch.where(t_prev >= 0, abar, torch.ones_like(abar)), x_t)
-        return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+        if noise is None:
+            return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+        abar_t = alpha**2
+        sigma = self.teacher_eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).clamp(min=0).sqrt()
+        return abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
 
     def forward(self, batch: dict[str, Tensor], phase: str, step: int) -> LossOutput:
+        loss, student, t, w, _ = self.consistency(batch)
+        return LossOutput({"distillation": loss.mean()}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())})
+
+    def draw(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, dict, dict]:
+        """A batch's ``x_t``, ``t``, ``t_prev``, ``w``, condition and null condition (every draw from the sample seeds)."""
         x, seeds = batch["x"], batch["seeds"]
         # Label dropout: the teacher, the student and the target all see the dropped sample's null condition, so its
         # guided teacher D_u + w (D_c - D_u) is the unconditional teacher D_u. diffusers' LCM scripts drop captions
@@ -179,16 +209,26 @@ class ConsistencyDistillation(Objective):
         noise = per_sample_randn(x, seeds, 1)
         abar = view(self.schedule.alphas_cumprod.to(x.device)[t].to(x.dtype), x)
         x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
-        x_prev = self._teacher_ddim(x_t, t, t_prev, cond, uncond, w)
-        if self.embed_dim:
-            cond = {**cond, "timestep_cond": guidance_embedding(w - 1, self.embed_dim).to(x.dtype)}
+        return x_t, t, t_prev, w, cond, uncond
+
+    def consistency(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, dict]:
+        """The per-sample consistency loss, the student's ``f_theta(x_t, t)``, ``t``, ``w`` and the student's condition."""
+        x, seeds = batch["x"], batch["seeds"]
+        x_t, t, t_prev, w, cond, uncond = self.draw(batch)
+        x_prev = self.teacher_solve(x_t, t, t_prev, cond, uncond, w, seeds)
+        cond = self.student_cond(cond, w, x)
         student = self.consistency_fn(self.net, x_t, t, cond)
         with torch.no_grad():  # the target f_theta-(x_prev, t_prev): EMA copy, or (LCM-LoRA) the student itself
             target_net = self.target if getattr(self, "target", None) is not None else self.net
             target = self.consistency_fn(target_net, x_prev, t_prev.clamp(min=0), cond)
             target = torch.where(view(t_prev < 0, x).bool(), x_prev, target)  # f(x, 0) = x: the boundary, exactly
-        loss = distance(self.loss_kind, student, target, self.huber_c).mean()
-        return LossOutput({"distillation": loss}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())})
+        return distance(self.loss_kind, student, target, self.huber_c), student, t, w, cond
+
+    def student_cond(self, cond: dict, w: Tensor, like: Tensor) -> dict:
+        """The student's (and target's) condition: the teacher's, plus the guidance embedding of ``w`` if it has one."""
+        if not self.embed_dim:
+            return cond
+        return {**cond, "timestep_cond": guidance_embedding(w - 1, self.embed_dim).to(like.dtype)}
 
     def ema_targets(self, phase: str) -> Sequence[EMATarget]:
         """LCM's EMA target follows the student (none for LCM-LoRA or ``target_ema=0``: the student itself)."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastdiff.errors import InputError
 
-__all__ = ["FeatureTap", "bottleneck", "ClassifierHead", "ImageDiscriminator"]
+__all__ = ["FeatureTap", "bottleneck", "ClassifierHead", "ImageDiscriminator", "TimeDiscriminator"]
 
 
 def bottleneck(net: nn.Module) -> nn.Module:
@@ -101,7 +101,25 @@ class ImageDiscriminator(nn.Module):
         for i in range(max(1, math.ceil(math.log2(max(size, 2) / 4)))):
             layers += [nn.Conv2d(c, width * 2**i, kernel_size=3, stride=2, padding=1), nn.GroupNorm(8, width * 2**i), nn.LeakyReLU(0.2)]
             c = width * 2**i
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, 1)
+        self.width = c
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x.float())  # (B, 1)
+        return self.head(self.features(x.float()))  # (B, 1)
+
+
+class TimeDiscriminator(nn.Module):
+    """:class:`ImageDiscriminator` conditioned on a timestep by projection (Miyato & Koyama 2018): ``logit =
+    head(h) + <h, embed(t)>`` with ``h`` the image features and ``embed`` a table over the ``num_timesteps`` training
+    timesteps (SCott's discriminator on CPU-sized data)."""
+
+    def __init__(self, channels: int, size: int, num_timesteps: int = 1000, width: int = 32):
+        super().__init__()
+        self.image = ImageDiscriminator(channels, size, width)
+        self.embed = nn.Embedding(num_timesteps, self.image.width)
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        h = self.image.features(x.float())
+        return self.image.head(h) + (h * self.embed(t.long().clamp(0, self.embed.num_embeddings - 1))).sum(1, keepdim=True)

@@ -27,11 +27,12 @@ from fastdiff.errors import InputError
 from fastdiff.training.teacher import DataConfig, ModelConfig, build_model
 from fastdiff.training.trainer import TrainerConfig, train
 
-__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "DMDConfig", "CTMConfig", "ReflowConfig", "EvalConfig", "run_distill",
+__all__ = ["DistillRecipe", "ConsistencyConfig", "DistillConfig", "ScottConfig", "DMDConfig", "CTMConfig", "ReflowConfig", "EvalConfig",
+           "run_distill",
            "build_objective",
            "recipe_identity"]
 
-STUDENTS_OF_TEACHERS = ("cd", "dmd2", "f_distill", "ctm", "reflow")  # objectives that distil a teacher; students sample through their pipeline
+STUDENTS_OF_TEACHERS = ("cd", "scott", "dmd2", "f_distill", "ctm", "reflow")  # objectives that distil a teacher; students sample through their pipeline
 
 
 @dataclass
@@ -102,6 +103,16 @@ class CTMConfig:
 
 
 @dataclass
+class ScottConfig:
+    """SCott (``objective: scott``): CD (the ``distill`` section) with a stochastic multi-step teacher and an
+    adversarial term (:class:`~fastdiff.objectives.stochastic_consistency.StochasticConsistency`)."""
+
+    eta: float = 0.3  # the teacher's DDIM noise; 0 with substeps 1 and no adversary is CD
+    substeps: int = 3  # h: teacher sub-steps per jump (the paper's default)
+    adversarial_weight: float = 0.4  # 0: no discriminator
+
+
+@dataclass
 class ReflowConfig:
     """Reflow with 2-RF++ (``objective: reflow``): pairs from the teacher (made into ``pairs`` when missing, resumable),
     a flow-matching student initialised from the teacher (:class:`~fastdiff.objectives.reflow.Reflow`)."""
@@ -128,11 +139,12 @@ class EvalConfig:
 
 @dataclass
 class DistillRecipe:
-    objective: Literal["ict", "ilct", "cd", "dmd2", "f_distill", "ctm", "reflow"] = "ict"
+    objective: Literal["ict", "ilct", "cd", "scott", "dmd2", "f_distill", "ctm", "reflow"] = "ict"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # iCT/iLCT; CD students copy the teacher
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    scott: ScottConfig = field(default_factory=ScottConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     ctm: CTMConfig = field(default_factory=CTMConfig)
     reflow: ReflowConfig = field(default_factory=ReflowConfig)
@@ -155,7 +167,7 @@ def _load_teacher(path: str):
     return pipe
 
 
-OBJECTIVE_SECTIONS = {"ict": ("consistency", "model"), "ilct": ("consistency", "model"), "cd": ("distill",), "dmd2": ("dmd",),
+OBJECTIVE_SECTIONS = {"ict": ("consistency", "model"), "ilct": ("consistency", "model"), "cd": ("distill",), "scott": ("distill", "scott"), "dmd2": ("dmd",),
                       "f_distill": ("dmd",), "ctm": ("ctm",), "reflow": ("reflow",)}  # fmt: skip
 
 
@@ -195,11 +207,19 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
         return _reflow(recipe, channels, size, num_classes)
     d = recipe.distill
     pipe, config = _teacher_for(d.teacher, recipe, channels, size, num_classes)
-    objective = ConsistencyDistillation(
-        pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
-        num_ddim_timesteps=d.num_ddim_timesteps, guidance_scale=d.guidance_scale, target_ema=d.target_ema, loss=d.loss,
-        huber_c=d.huber_c, p_uncond=recipe.p_uncond,
-    )  # fmt: skip
+    cd = dict(num_ddim_timesteps=d.num_ddim_timesteps, guidance_scale=d.guidance_scale, target_ema=d.target_ema, loss=d.loss,
+              huber_c=d.huber_c, p_uncond=recipe.p_uncond)  # fmt: skip
+    teacher = (pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes)
+    if recipe.objective == "scott":
+        from fastdiff.objectives.critic import TimeDiscriminator
+        from fastdiff.objectives.stochastic_consistency import StochasticConsistency
+
+        sc = recipe.scott
+        disc = TimeDiscriminator(channels, size, config.get("num_train_timesteps", 1000)) if sc.adversarial_weight > 0 else None
+        objective = StochasticConsistency(*teacher, eta=sc.eta, substeps=sc.substeps, discriminator=disc,
+                                          adversarial_weight=sc.adversarial_weight, **cd)  # fmt: skip
+    else:
+        objective = ConsistencyDistillation(*teacher, **cd)
     return objective, _lcm_scheduler(config, d.num_ddim_timesteps)
 
 
