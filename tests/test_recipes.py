@@ -18,7 +18,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 def test_recipe_parses(path):
     from fastdiff.training.sd_lora import SDLoRARecipe
 
-    cls = {"denoising": TeacherRecipe, "lcm-lora": SDLoRARecipe, "dmd2-lora": SDLoRARecipe}.get(recipe_objective(path), DistillRecipe)
+    cls = {"denoising": TeacherRecipe, "lcm-lora": SDLoRARecipe, "scott-lora": SDLoRARecipe, "dmd2-lora": SDLoRARecipe}.get(recipe_objective(path), DistillRecipe)
     recipe = load_config(cls, path)
     assert recipe.expected, f"{path.name} must state its expected cost and result"
 

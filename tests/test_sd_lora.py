@@ -191,3 +191,21 @@ def test_lcm_lora_streams_captioned_images(tmp_path):
     lora = run_sd_lora(recipe, progress=False)
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "data_state_0.pt").is_file()  # where the stream stands
+
+
+def test_scott_lora_recipe_runs_three_steps_on_a_tiny_sd_pipeline(tmp_path):
+    """recipes/scott_sd15.yaml as written (bf16 aside) on a tiny random SD pipeline: the stochastic 3-sub-step teacher,
+    the latent discriminator's phase, and a LoRA that a stock pipeline loads."""
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
+    recipe = load_config(SDLoRARecipe, Path(__file__).resolve().parent.parent / "recipes" / "scott_sd15.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"sd.pretrained={tmp_path / 'sd'}", f"sd.data_root={_captioned(tmp_path / 'data')}",
+        "sd.resolution=64", "sd.lora_rank=4", "sd.num_workers=1", "trainer.steps=3", "trainer.batch_size=2", "trainer.tracker=none",
+        "trainer.mixed_precision=no"])  # fmt: skip
+    assert (recipe.scott.eta, recipe.scott.substeps, recipe.scott.adversarial_weight) == (0.3, 3, 0.4)
+    lora = run_sd_lora(recipe, progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(lora)
+    history = json.loads((lora / "training.json").read_text())["history"]
+    assert any("loss/discriminator/adversarial" in h for h in history) and any("loss/student/adversarial" in h for h in history)

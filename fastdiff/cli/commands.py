@@ -58,8 +58,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Run a training recipe (YAML) with dotted overrides: a teacher (``objective: denoising``), a consistency
-    student (``objective: ict | ilct | cd | dmd2 | f_distill | ctm``) or a Stable Diffusion LoRA (``objective: lcm-lora |
-    dmd2-lora``)."""
+    student (``objective: ict | ilct | cd | scott | dmd2 | f_distill | ctm | reflow``) or a Stable Diffusion LoRA (``objective: lcm-lora |
+    scott-lora | dmd2-lora``)."""
     from fastdiff.training.config import load_config, recipe_objective
     from fastdiff.training.distill import DistillRecipe, run_distill
     from fastdiff.training.teacher import TeacherRecipe, train_teacher
@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             recipe = load_config(TeacherRecipe, args.recipe, args.set)
             print(f"saved {train_teacher(recipe, resume=args.resume, progress=not args.no_progress)}")
             return
-        if recipe_objective(args.recipe) in ("lcm-lora", "dmd2-lora"):
+        if recipe_objective(args.recipe) in ("lcm-lora", "scott-lora", "dmd2-lora"):
             from fastdiff.training.sd_lora import SDLoRARecipe, run_sd_lora
 
             print(f"saved {run_sd_lora(load_config(SDLoRARecipe, args.recipe, args.set), args.resume, not args.no_progress)}")

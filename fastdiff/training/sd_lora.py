@@ -10,6 +10,10 @@
   ``sd.lora_rank`` on the UNet (the teacher: adapters off, guided by ``dmd.guidance_scale``), with gradient
   checkpointing, the GAN classifier on the fake score's mid-block reading the captioned images as real data. Only the
   generator's adapter is saved.
+* ``objective: scott-lora`` -- SCott (Liu et al. 2025) as a LoRA: LCM-LoRA with the teacher's step made stochastic
+  (``scott.eta``, ``scott.substeps``) and, with ``scott.adversarial_weight > 0``, a small t-conditioned discriminator
+  on the latents (:class:`~fastdiff.objectives.critic.TimeDiscriminator`; the paper's discriminator -- a LoRA on the
+  frozen SD UNet -- is not implemented), see :mod:`fastdiff.objectives.stochastic_consistency`.
 
 Either result is a LoRA file that any Stable Diffusion pipeline loads with ``pipe.load_lora_weights(folder)`` and
 samples with diffusers' ``LCMScheduler`` (LCM: 2-8 steps; DMD2: ``dmd.generator_steps`` steps, ``guidance_scale=0``).
@@ -40,7 +44,7 @@ from fastdiff.errors import InputError
 from fastdiff.objectives import per_sample_randn
 from fastdiff.objectives.conditioning import view
 from fastdiff.training.data import DatasetSource, MappedSource, StreamSource, image_tensor, load_hf
-from fastdiff.training.distill import DMDConfig
+from fastdiff.training.distill import DMDConfig, ScottConfig
 from fastdiff.training.trainer import TrainerConfig, train
 
 __all__ = ["SDLoRARecipe", "SDConfig", "CaptionedFolder", "CaptionRows", "LatentEncoder", "PromptEmbeddings", "captioned_source",
@@ -69,9 +73,10 @@ class SDConfig:
 
 @dataclass
 class SDLoRARecipe:
-    objective: Literal["lcm-lora", "dmd2-lora"] = "lcm-lora"
+    objective: Literal["lcm-lora", "scott-lora", "dmd2-lora"] = "lcm-lora"
     sd: SDConfig = field(default_factory=SDConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)  # dmd2-lora (its teacher and lora_rank: sd.pretrained, sd.lora_rank)
+    scott: ScottConfig = field(default_factory=ScottConfig)  # scott-lora
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: str = "runs/lcm-lora"
     expected: str = ""
@@ -196,18 +201,26 @@ def save_lora(unet, folder: str | Path, adapter: str = "default") -> Path:
     return Path(folder)
 
 
-def lcm_objective(sd: SDConfig, unet, scheduler_config: dict, conditioner):
+def lcm_objective(sd: SDConfig, unet, scheduler_config: dict, conditioner, scott: ScottConfig | None = None):
     """The :class:`~fastdiff.objectives.ConsistencyDistillation` of ``sd`` for a Stable Diffusion
-    ``unet`` (LoRA on it, or a full student with a guidance embedding) and its scheduler's config."""
+    ``unet`` (LoRA on it, or a full student with a guidance embedding) and its scheduler's config; with ``scott``, the
+    :class:`~fastdiff.objectives.stochastic_consistency.StochasticConsistency` around it."""
     from fastdiff.objectives import ConsistencyDistillation
     from fastdiff.schedules import VPSchedule
 
-    return ConsistencyDistillation(
-        unet, VPSchedule.from_config(scheduler_config), scheduler_config.get("prediction_type", "epsilon"), conditioner,
-        num_ddim_timesteps=sd.num_ddim_timesteps, guidance_scale=sd.guidance_scale, guidance_max=sd.guidance_max,
-        loss=sd.loss, huber_c=sd.huber_c, lora_rank=sd.lora_rank, target_ema=0.0 if sd.lora_rank else 0.95,
-        guidance_embedding=None if sd.lora_rank else sd.guidance_embedding_dim,
-    )  # fmt: skip
+    teacher = (unet, VPSchedule.from_config(scheduler_config), scheduler_config.get("prediction_type", "epsilon"), conditioner)
+    cd = dict(num_ddim_timesteps=sd.num_ddim_timesteps, guidance_scale=sd.guidance_scale, guidance_max=sd.guidance_max,
+              loss=sd.loss, huber_c=sd.huber_c, lora_rank=sd.lora_rank, target_ema=0.0 if sd.lora_rank else 0.95,
+              guidance_embedding=None if sd.lora_rank else sd.guidance_embedding_dim)  # fmt: skip
+    if scott is None:
+        return ConsistencyDistillation(*teacher, **cd)
+    from fastdiff.objectives.critic import TimeDiscriminator
+    from fastdiff.objectives.stochastic_consistency import StochasticConsistency
+
+    channels, size = unet.config.in_channels, sd.resolution // 8  # the VAE's latents
+    disc = TimeDiscriminator(channels, size, scheduler_config.get("num_train_timesteps", 1000)) if scott.adversarial_weight > 0 else None
+    return StochasticConsistency(*teacher, eta=scott.eta, substeps=scott.substeps, discriminator=disc,
+                                 adversarial_weight=scott.adversarial_weight, **cd)  # fmt: skip
 
 
 def _check_dmd(recipe: SDLoRARecipe) -> None:
@@ -258,9 +271,11 @@ def run_sd_lora(recipe: SDLoRARecipe, resume: str | None = None, progress: bool 
     with torch.no_grad():
         null = pipe.encode_prompt([""], pipe.device, 1, False)[0].float()
     config, conditioner = dict(pipe.scheduler.config), PromptEmbeddings(null)
-    objective = dmd_objective(recipe, pipe.unet, config, conditioner) if dmd else lcm_objective(sd, pipe.unet, config, conditioner)
+    scott = recipe.scott if recipe.objective == "scott-lora" else None
+    objective = dmd_objective(recipe, pipe.unet, config, conditioner) if dmd else lcm_objective(sd, pipe.unet, config, conditioner, scott)
     source = captioned_source(sd, pipe, recipe.trainer.batch_size, recipe.trainer.seed)
-    fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected"}
+    others = {"lcm-lora": ("dmd", "scott"), "scott-lora": ("dmd",), "dmd2-lora": ("scott",)}[recipe.objective]
+    fingerprint = {k: v for k, v in to_dict(recipe).items() if k != "expected" and k not in others}  # as recipe_identity
     unet, record = train(objective, source, None, recipe.trainer, out, fingerprint, resume=resume, progress=progress)
     name = "lora" if sd.lora_rank else "unet"
     if record["is_main_process"]:
