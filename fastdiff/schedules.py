@@ -136,6 +136,7 @@ class VPSchedule:
         if not ((abar > 0) & (abar <= 1)).all() or not (abar[1:] < abar[:-1]).all():
             raise InputError("alphas_cumprod must be strictly decreasing in (0, 1]")
         self.alphas_cumprod = abar
+        self.betas: Tensor | None = None  # set by from_betas
         self.sigmas = ((1 - abar) / abar).sqrt()  # ascending with t
         self.log_sigmas = self.sigmas.log()
         self.num_train_timesteps = abar.numel()
@@ -149,7 +150,9 @@ class VPSchedule:
         abar = torch.cumprod(1.0 - betas, dim=0)  # float32, as diffusers
         if rescale_betas_zero_snr:
             abar[-1] = 2.0**-24
-        return cls(abar)
+        schedule = cls(abar)
+        schedule.betas = betas  # the betas it was built from, as diffusers' schedulers keep them
+        return schedule
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VPSchedule:

@@ -12,6 +12,7 @@ from fastdiff import samplers as S
 from fastdiff.errors import InputError
 from fastdiff.oracle import GaussianMixture
 from fastdiff.samplers.diffusers import (
+    CTMScheduler,
     FPNDMScheduler,
     GHVBScheduler,
     HeavyBallDPMSolverScheduler,
@@ -19,6 +20,7 @@ from fastdiff.samplers.diffusers import (
     IPNDMScheduler,
     MomentumScheduler,
     PLMSScheduler,
+    ReflowScheduler,
     SPNDMScheduler,
 )
 from fastdiff.samplers.grids import FLOW_T_MAX, flow_grid, solver_sigmas
@@ -341,3 +343,21 @@ def test_flux_pipeline_with_dynamic_shift(tmp_path, cls):
     from conftest import tiny_flux_pipeline
 
     _swap_and_compare_grids(tiny_flux_pipeline(tmp_path), cls, num_inference_steps=4, max_sequence_length=8)
+
+
+@pytest.mark.parametrize("cls", [*ALL, CTMScheduler, ReflowScheduler], ids=lambda c: c.__name__)
+def test_vp_schedulers_expose_betas_alphas_and_alphas_cumprod_as_diffusers(cls):
+    """Pipelines (LEDITS++, SAG, DiffEdit) and diffusers.training_utils.compute_snr read betas / alphas /
+    alphas_cumprod off the scheduler: equal to diffusers' own for the same config (trained_betas included); flow
+    configs have none, as FlowMatchEulerDiscreteScheduler."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_snr
+
+    for ref in (DDPMScheduler.from_config(_vp_config()), DDPMScheduler(trained_betas=torch.linspace(1e-4, 0.03, 1000).tolist())):
+        ours = cls.from_config(ref.config)
+        for name in ("betas", "alphas", "alphas_cumprod"):
+            assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+        t = torch.tensor([0, 17, 500, 999])
+        assert torch.equal(compute_snr(ours, t), compute_snr(ref, t))
+    if cls is not CTMScheduler:  # CTM samples VP students only
+        assert not hasattr(cls.from_config(FlowMatchEulerDiscreteScheduler().config), "alphas_cumprod")

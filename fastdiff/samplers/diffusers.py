@@ -85,6 +85,10 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         check_choice("time_shift_type", cfg.time_shift_type, TIME_SHIFT_TYPES)
         if cfg.invert_sigmas:
             raise InputError("invert_sigmas (Mochi's reversed flow timesteps and velocity) is not supported by fastdiff's schedulers")
+        if not self.flow:  # diffusers' VP schedulers expose these; pipelines (LEDITS++, SAG, DiffEdit) and compute_snr read them
+            self.betas = self.schedule.betas.float()
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self.sigmas = self.grid = torch.zeros(0)
         self.timesteps = self.grid_timesteps = torch.zeros(0)
         self.num_inference_steps = None
