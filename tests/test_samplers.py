@@ -42,6 +42,7 @@ def _order(problem, fn, n, **kw):
         (S.sample_plms, 20, {}, 3.3, 4.4),  # AB4 after a third-order warm-up
         (S.sample_fpndm, 20, {}, 3.3, 4.4),
         (S.sample_hb_plms, 80, {"beta": 0.8}, 0.8, 1.15),  # heavy ball: first order (paper, Theorem 1)
+        (S.sample_nt_plms, 80, {"beta": 0.8}, 0.8, 1.2),  # Nesterov: first order as well
         (S.sample_ghvb, 80, {"beta": 0.8, "order": 1}, 0.85, 1.1),
         (S.sample_ghvb, 40, {"beta": 0.5, "order": 2}, 1.7, 2.2),
         (S.sample_hb_dpmpp_2m, 80, {"beta": 0.8}, 0.6, 1.2),
@@ -58,6 +59,7 @@ def test_beta_one_is_the_base_solver(problem, order):
     base = S.sample_ipndm(gmm, x, sigmas, order=order)
     torch.testing.assert_close(S.sample_ghvb(gmm, x, sigmas, order=order, beta=1.0), base, atol=1e-6, rtol=0)
     torch.testing.assert_close(S.sample_hb_plms(gmm, x, sigmas, order=order, beta=1.0), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(S.sample_nt_plms(gmm, x, sigmas, order=order, beta=1.0), base, atol=1e-6, rtol=0)
     karras = S.karras_sigmas(9, 0.05, 3.0)
     torch.testing.assert_close(S.sample_hb_dpmpp_2m(gmm, x, karras, beta=1.0), S.sample_dpmpp_2m(gmm, x, karras), atol=1e-6, rtol=0)
     assert not torch.allclose(S.sample_ghvb(gmm, x, sigmas, order=order, beta=0.7), base)
@@ -271,3 +273,33 @@ def test_pndm_family_multistep_is_one_rule(problem, monkeypatch):
         fn(gmm, x, sigmas)
         assert len(calls) == steps, fn.__name__
     assert not hasattr(momentum, "ipndm_rule")
+
+
+def _official_nt_directions(grads, order, beta):
+    """The official PLMSWithNTScheduler's directions for a sequence of noise estimates, written out here: ets keeps the
+    last ``order``; AdamBmixer(order, ets, 1) is Adams-Bashforth; vel starts at the first grads (momentum_scheduler.py
+    L58-L71, L138-L143)."""
+    ab = {1: lambda e: e[-1], 2: lambda e: (3 * e[-1] - e[-2]) / 2, 3: lambda e: (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12,
+          4: lambda e: (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24}  # fmt: skip
+    ets, vel, out = [], None, []
+    for g in grads:
+        vel = g if vel is None else vel
+        ets = (ets + [g])[-order:]
+        prime = ab[min(order, len(ets))](ets)
+        vel = (1 - beta) * vel + beta * prime
+        out.append((1 - beta) * vel + beta * prime)
+    return out
+
+
+def test_nt_plms_matches_the_official_update():
+    """With sigma_next = sigma - 1 and x = 0, the rule's step is x - direction: compare directions step by step."""
+    from fastdiff.samplers.momentum import nt_plms_rule
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 2, generator=g, dtype=torch.float64) for _ in range(6)]
+    expected = _official_nt_directions(grads, 4, 0.7)
+    state, sigma = None, torch.tensor(10.0, dtype=torch.float64)
+    for eps, direction in zip(grads, expected):
+        x = torch.zeros(3, 2, dtype=torch.float64)
+        x_next, state = nt_plms_rule(x, x - sigma * eps, sigma, sigma - 1, state, order=4, beta=0.7)  # denoised with eps = grads
+        torch.testing.assert_close(-x_next, direction)

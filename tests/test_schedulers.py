@@ -19,6 +19,7 @@ from fastdiff.samplers.diffusers import (
     HeavyBallPLMSScheduler,
     IPNDMScheduler,
     MomentumScheduler,
+    NesterovPLMSScheduler,
     PLMSScheduler,
     ReflowScheduler,
     SPNDMScheduler,
@@ -27,7 +28,8 @@ from fastdiff.samplers.grids import FLOW_T_MAX, flow_grid, solver_sigmas
 from fastdiff.schedules import sigma_to_flow_time
 
 PAIRS = [
-    (GHVBScheduler, S.sample_ghvb), (HeavyBallPLMSScheduler, S.sample_hb_plms), (HeavyBallDPMSolverScheduler, S.sample_hb_dpmpp_2m),
+    (GHVBScheduler, S.sample_ghvb), (HeavyBallPLMSScheduler, S.sample_hb_plms), (NesterovPLMSScheduler, S.sample_nt_plms),
+    (HeavyBallDPMSolverScheduler, S.sample_hb_dpmpp_2m),
     (IPNDMScheduler, S.sample_ipndm), (PLMSScheduler, S.sample_plms), (SPNDMScheduler, S.sample_spndm), (FPNDMScheduler, S.sample_fpndm),
 ]  # fmt: skip
 ALL = [cls for cls, _ in PAIRS]

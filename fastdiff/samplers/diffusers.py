@@ -33,21 +33,22 @@ from fastdiff.param import canonical_prediction_type, x0_from_output
 from fastdiff.samplers._common import step_dtype
 from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target, reuse_noise_step
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
-from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule
+from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule, nt_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
 from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, ipndm_rule, pndm_program
 from fastdiff.schedules import TIME_SHIFT_TYPES, FlowSchedule, VPSchedule
 
 __all__ = [
-    "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "HeavyBallDPMSolverScheduler",
+    "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "NesterovPLMSScheduler", "HeavyBallDPMSolverScheduler",
     "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "CTMScheduler", "ReflowScheduler", "FLOW_T_MAX",
 ]  # fmt: skip
 
 SOLVERS = {
-    "ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule, "ipndm": ipndm_rule,
+    "ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "nt-plms": nt_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule,
+    "ipndm": ipndm_rule,
 }  # fmt: skip
-_ORDERED = ("ghvb", "hb-plms", "ipndm")  # solvers with a multistep order
-_DAMPED = ("ghvb", "hb-plms", "hb-dpmpp-2m")  # solvers with a momentum
+_ORDERED = ("ghvb", "hb-plms", "nt-plms", "ipndm")  # solvers with a multistep order
+_DAMPED = ("ghvb", "hb-plms", "nt-plms", "hb-dpmpp-2m")  # solvers with a momentum
 _FLOW_COMPATIBLES = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 
 
@@ -216,9 +217,10 @@ class MomentumScheduler(SigmaGridScheduler):
     """Momentum multistep solvers (Wizadwongsa et al., ICLR 2024) as a diffusers scheduler.
 
     Args:
-        solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``hb-dpmpp-2m`` (heavy ball on
-            DPM-Solver++(2M)), ``ipndm`` (PLMS with Adams-Bashforth warm-up) or ``dpmpp-2m``; default per class.
-        solver_order: multistep order 1-4 (GHVB, HB-PLMS, iPNDM).
+        solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``nt-plms`` (Nesterov on PLMS),
+            ``hb-dpmpp-2m`` (heavy ball on DPM-Solver++(2M)), ``ipndm`` (PLMS with Adams-Bashforth warm-up) or
+            ``dpmpp-2m``; default per class.
+        solver_order: multistep order 1-4 (GHVB, HB-PLMS, NT-PLMS, iPNDM).
         momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
         use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``
             (``use_exponential_sigmas``, ``use_beta_sigmas``: those spacings; all as DPM-Solver / FlowMatchEuler).
@@ -378,6 +380,12 @@ class HeavyBallPLMSScheduler(MomentumScheduler):
     """Heavy-ball momentum on PLMS."""
 
     _default_solver = "hb-plms"
+
+
+class NesterovPLMSScheduler(MomentumScheduler):
+    """Nesterov momentum on PLMS (the paper code's PLMS-NT)."""
+
+    _default_solver = "nt-plms"
 
 
 class HeavyBallDPMSolverScheduler(MomentumScheduler):

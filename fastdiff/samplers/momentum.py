@@ -1,6 +1,6 @@
 """Momentum samplers against divergence artifacts (Wizadwongsa et al., ICLR 2024, "Diffusion Sampling with Momentum
 for Mitigating Divergence Artifacts"): heavy ball (HB) on iPNDM/PLMS and on DPM-Solver++(2M), and the generalized
-heavy ball (GHVB). Each is a rule for :func:`~fastdiff.samplers.ode.sample_multistep`; ``beta = 1`` is exactly the base
+heavy ball (GHVB), and Nesterov momentum on PLMS (the paper code's ``PLMSWithNTScheduler``). Each is a rule for :func:`~fastdiff.samplers.ode.sample_multistep`; ``beta = 1`` is exactly the base
 solver (iPNDM, :func:`~fastdiff.samplers.pndm.ipndm_rule`, or DPM-Solver++(2M)), ``beta < 1`` damps the update
 direction (first order for HB, as the paper proves).
 
@@ -23,8 +23,8 @@ from fastdiff.samplers.ode import State, dpmpp_2m_direction, dpmpp_2m_rule, dpmp
 from fastdiff.samplers.pndm import adams_bashforth, check_order
 
 __all__ = [
-    "split_order", "hb_plms_rule", "ghvb_rule", "hb_dpmpp_2m_rule", "ghvb_mix", "sample_hb_plms", "sample_ghvb",
-    "sample_hb_dpmpp_2m",
+    "split_order", "hb_plms_rule", "nt_plms_rule", "ghvb_rule", "hb_dpmpp_2m_rule", "ghvb_mix", "sample_hb_plms", "sample_nt_plms",
+    "sample_ghvb", "sample_hb_dpmpp_2m",
 ]  # fmt: skip
 
 # Generalised Adams-Bashforth weights of GHVB for orders 1..4 as functions of beta, newest first; beta = 1 gives
@@ -68,6 +68,19 @@ def hb_plms_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
     return transfer(x, velocity, sigma, sigma_next), (history, velocity)
 
 
+def nt_plms_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None,
+                 order: int = 4, beta: float = 0.8) -> tuple[Tensor, State]:  # fmt: skip
+    """Nesterov momentum on PLMS (official ``PLMSWithNTScheduler._step_with_momentum``): ``p = AB_k(eps history)``,
+    ``v <- (1 - beta) v + beta p`` (``v`` starts at the first ``eps``), step along ``(1 - beta) v + beta p``: the
+    look-ahead mixes the fresh ``p`` in once more. ``beta = 1`` is PLMS (iPNDM) exactly."""
+    history, velocity = state or ((), None)
+    eps = to_d(x, denoised, sigma)
+    history = (eps, *history)[:order]
+    p = adams_bashforth(history, order)
+    velocity = (1 - beta) * (eps if velocity is None else velocity) + beta * p
+    return transfer(x, (1 - beta) * velocity + beta * p, sigma, sigma_next), (history, velocity)
+
+
 def ghvb_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None,
               order: int = 4, beta: float = 0.8) -> tuple[Tensor, State]:  # fmt: skip
     """Generalized heavy ball: ``v <- (1 - beta) v + beta eps`` (``v`` starts at ``eps``), then the beta-dependent
@@ -104,6 +117,13 @@ def sample_hb_plms(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, 
     """PLMS with heavy-ball momentum (``beta = 1``: :func:`sample_ipndm`)."""
     _check(order, beta)
     return sample_multistep(_sampler(hb_plms_rule, "hb-plms", order=order, beta=beta), den, x, sigmas, cond, callback)
+
+
+def sample_nt_plms(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                   callback: Callback | None = None, order: int = 4, beta: float = 0.8) -> Tensor:  # fmt: skip
+    """PLMS with Nesterov momentum (``beta = 1``: :func:`sample_ipndm`)."""
+    _check(order, beta)
+    return sample_multistep(_sampler(nt_plms_rule, "nt-plms", order=order, beta=beta), den, x, sigmas, cond, callback)
 
 
 def sample_ghvb(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
