@@ -52,7 +52,7 @@ OPTIONS = {
     "train": "recipe -h --help --set --resume --lpips-weights --no-progress",
     "pairs": "teacher -h --help --out --num --scheduler --steps --guidance --seed --shard-size --no-progress",
     "sample": "-h --help --pipeline --scheduler --steps --guidance --num-samples --seed --batch-size --no-progress --classes --out "
-              "--nrow --scale --preview --overwrite --cache",
+              "--nrow --scale --preview --overwrite --cache --schedule",
     "cache": "-h --help",
     "cache calibrate": "pipeline -h --help --scheduler --overwrite --no-progress --seed --steps --degree --generations --batch-size --out",
     "cache train-router": "pipeline -h --help --scheduler --overwrite --no-progress --seed --steps --beta --iterations --batch-size "
@@ -61,7 +61,9 @@ OPTIONS = {
            "--inception-weights --kid --pr --size --json --save-stats --no-cache",
     "quickstart": "-h --help --teacher --num-samples --steps --guidance --seed --out --cache --student --no-progress",
     "bench": "name -h --help --quick --no-progress --out --report --readme --recipes --resume",
-    "schedule": "config -h --help --steps --spacing --mu",
+    "schedule": "-h --help",
+    "schedule show": "config -h --help --steps --spacing --mu",
+    "schedule optimize": "pipeline -h --help --scheduler --steps --guidance --samples --fine --seed --out --no-progress",
     "data": "name -h --help --split --root --size --channels --labels --seed --grid --num",
 }  # fmt: skip
 

@@ -17,6 +17,9 @@ __all__ = ["main", "build_parser"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fastdiff`` with ``argv`` (default: the process's arguments); the exit code (2: bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["schedule"] and len(argv) > 1 and argv[1] not in ("show", "optimize", "-h", "--help"):
+        argv.insert(1, "show")  # `fastdiff schedule CONFIG` as before
     args = build_parser().parse_args(argv)
     func: Callable = args.func
     try:

@@ -106,9 +106,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.preview < 1:  # before sampling, not after
         raise InputError(f"--preview must be >= 1 (images in grid.png); got {args.preview}")
     labels = cycle_labels(_int_list(args.classes, "--classes"), args.num_samples) if args.classes else None
+    schedule = None
+    if args.schedule:  # checked before the pipeline loads
+        from fastdiff.pipelines.schedule_files import check_schedule, read_schedule
+
+        schedule = read_schedule(args.schedule)
+        check_schedule(schedule, args.pipeline, args.scheduler, args.steps, args.schedule)
     pipe = open_pipeline(pipeline_path(args.pipeline), args.scheduler, args.cache)
     settings = _settings(args)
-    samples = draw(pipe, settings, labels, progress=not args.no_progress)
+    samples = draw(pipe, settings, labels, progress=not args.no_progress, schedule=schedule)
     scheduler = type(pipe.scheduler).__name__
     grid, npz = save_samples(samples, args.out, settings, scheduler, nrow=args.nrow, scale=args.scale, preview=args.preview)
     shown = min(args.preview, args.num_samples)
@@ -207,6 +213,22 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     print(f"{'step':>4} {'timestep':>10} {'sigma':>12} {'scale s':>10}")
     for r in rows:
         print(f"{r['step']:>4} {r['timestep']:>10.3f} {r['sigma']:>12.6g} {r['scale']:>10.6f}")
+
+
+def cmd_schedule_optimize(args: argparse.Namespace) -> None:
+    """Optimise a schedule for a pipeline, solver, step count and guidance; write it as JSON."""
+    from fastdiff.eval.assets import pipeline_path
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.sampling import make_scheduler
+    from fastdiff.pipelines.schedule_files import optimize_pipeline_schedule, write_schedule
+
+    pipe = load_pipeline(pipeline_path(args.pipeline))
+    pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
+    record = optimize_pipeline_schedule(pipe, args.pipeline, args.scheduler, args.steps, args.guidance, args.samples, args.seed, args.fine,
+                                        progress=not args.no_progress)  # fmt: skip
+    path = write_schedule(record, args.out)
+    print(f"wrote {path}: {args.steps} steps for {args.scheduler} on {args.pipeline} (guidance {args.guidance:g}), "
+          f"sigmas {', '.join(f'{s:.4g}' for s in record['sigmas'])}; {record['calibration']['seconds']:.1f} s")  # fmt: skip
 
 
 def cmd_data(args: argparse.Namespace) -> None:

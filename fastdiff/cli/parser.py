@@ -75,6 +75,8 @@ def _add_sample(sub: Subparsers) -> None:
                    help=f"images shown in grid.png: the first N (default {PREVIEW}); samples.npz holds them all")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace grid.png / samples.npz in --out")
     p.add_argument("--cache", metavar="SPEC", help=f"feature cache: {CACHE_SPEC_HELP}")
+    p.add_argument("--schedule", metavar="JSON", help="an optimised schedule (`fastdiff schedule optimize`) for this "
+                   "pipeline, --scheduler and --steps")
     p.set_defaults(func=commands.cmd_sample)
 
 
@@ -185,12 +187,27 @@ def _add_bench(sub: Subparsers) -> None:
 
 
 def _add_schedule(sub: Subparsers) -> None:
-    p = sub.add_parser("schedule", help="print a diffusers scheduler config's timestep/sigma grid")
-    p.add_argument("config", help="scheduler_config.json, a scheduler folder or a pipeline folder")
-    p.add_argument("--steps", type=int, default=10, help="number of inference steps (default 10)")
-    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="override timestep_spacing")
-    p.add_argument("--mu", type=float, help="Flux's resolution shift, needed by use_dynamic_shifting configs")
-    p.set_defaults(func=commands.cmd_schedule)
+    from fastdiff.pipelines.sampling import SCHEDULERS
+
+    p = sub.add_parser("schedule", help="print a scheduler's grid (`schedule [show] CONFIG`) or optimise one (`schedule optimize`)")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = actions.add_parser("show", help="print a diffusers scheduler config's timestep/sigma grid (the default action)")
+    show.add_argument("config", help="scheduler_config.json, a scheduler folder or a pipeline folder")
+    show.add_argument("--steps", type=int, default=10, help="number of inference steps (default 10)")
+    show.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="override timestep_spacing")
+    show.add_argument("--mu", type=float, help="Flux's resolution shift, needed by use_dynamic_shifting configs")
+    show.set_defaults(func=commands.cmd_schedule)
+    opt = actions.add_parser("optimize", help="the schedule that minimises the error against reference trajectories (GITS-style DP)")
+    opt.add_argument("pipeline", help="a pipeline folder or a shipped teacher's name (digits, fashion-mnist)")
+    opt.add_argument("--scheduler", choices=sorted(SCHEDULERS), required=True, help="the solver the schedule is for")
+    opt.add_argument("--steps", type=int, required=True, help="number of steps (model evaluations for one-evaluation solvers)")
+    opt.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (default 1)")
+    opt.add_argument("--samples", type=int, default=32, help="calibration samples (default %(default)s)")
+    opt.add_argument("--fine", type=int, default=80, help="points of the fine candidate grid (default %(default)s)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (default 0)")
+    opt.add_argument("--out", required=True, metavar="JSON", help="where to write the schedule")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    opt.set_defaults(func=commands.cmd_schedule_optimize)
 
 
 def _add_pairs(sub: Subparsers) -> None:

@@ -85,6 +85,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         batch_size: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per label.
 
@@ -95,12 +97,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
             generator: a generator, or one per image so that each image depends on its own seed only.
             output_type: ``"pil"``, ``"np"`` (``[0, 1]``), ``"pt"`` (``[0, 1]``) or ``"latent"`` (raw ``[-1, 1]``-scale
                 samples, not clipped).
+            timesteps, sigmas: a custom grid (e.g. an optimised schedule, ``fastdiff schedule optimize``), passed to the
+                scheduler's ``set_timesteps`` as diffusers' pipelines do; ``sigmas`` without the final 0.
         """
         labels = self._labels(class_labels, batch_size).to(self.device)
         n = labels.shape[0]
         model = self.model
         # the grid first: init_noise_sigma of sigma-space schedulers (Euler, Heun) depends on it, as in diffusers' pipelines
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **_flow_sigmas(self.scheduler, num_inference_steps))
+        grid = _custom_grid(self.scheduler, timesteps, sigmas) or _flow_sigmas(self.scheduler, num_inference_steps)
+        self.scheduler.set_timesteps(None if grid.get("sigmas") or grid.get("timesteps") else num_inference_steps, device=self.device, **grid)
         x = randn_tensor((n, *self.image_shape), generator=generator, device=self.device, dtype=model.dtype)
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start from N(0, I) and have none
         null = torch.full_like(labels, self.num_classes)
@@ -121,6 +126,20 @@ class ClassConditionalPipeline(DiffusionPipeline):
             x = self.scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
         images = _postprocess(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _custom_grid(scheduler: Any, timesteps: list[float] | None, sigmas: list[float] | None) -> dict:
+    """The custom grid to hand ``scheduler.set_timesteps``: ``sigmas`` where it takes them, else ``timesteps``."""
+    if timesteps is None and sigmas is None:
+        return {}
+    takes = inspect.signature(scheduler.set_timesteps).parameters
+    if sigmas is not None and "sigmas" in takes:
+        return {"sigmas": list(sigmas)}
+    if timesteps is not None and "timesteps" in takes:
+        return {"timesteps": [int(round(t)) for t in timesteps] if "sigmas" not in takes else list(timesteps)}
+    given = "sigmas" if sigmas is not None else "timesteps"
+    raise InputError(f"{type(scheduler).__name__}.set_timesteps takes no {given}=; use a scheduler that takes custom grids "
+                     "(fastdiff's, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ...)")  # fmt: skip
 
 
 def _flow_sigmas(scheduler: Any, steps: int) -> dict:

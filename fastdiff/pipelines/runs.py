@@ -55,12 +55,12 @@ def cycle_labels(classes: Sequence[int], num_samples: int) -> Tensor:
     return labels.repeat(-(-num_samples // len(labels)))[:num_samples]
 
 
-def draw(pipe: Any, settings: SampleSettings, labels: Tensor | None = None, progress: bool = False) -> Samples:
-    """:func:`~fastdiff.pipelines.sampling.sample_pipeline` with ``settings``."""
+def draw(pipe: Any, settings: SampleSettings, labels: Tensor | None = None, progress: bool = False, schedule: dict | None = None) -> Samples:
+    """:func:`~fastdiff.pipelines.sampling.sample_pipeline` with ``settings`` (and a custom grid ``schedule``)."""
     from fastdiff.pipelines.sampling import sample_pipeline
 
     s = settings
-    return sample_pipeline(pipe, s.num_samples, s.steps, s.guidance_scale, s.seed, s.batch_size, labels, progress=progress)
+    return sample_pipeline(pipe, s.num_samples, s.steps, s.guidance_scale, s.seed, s.batch_size, labels, progress=progress, schedule=schedule)
 
 
 def sample_files(out: str | Path) -> tuple[Path, Path]:

@@ -92,11 +92,13 @@ def sample_pipeline(
     class_labels: Tensor | None = None,
     progress: bool = False,
     first_index: int = 0,
+    schedule: dict | None = None,
 ) -> Samples:
     """Draw ``num_samples`` images from a :class:`~fastdiff.pipelines.class_conditional.ClassConditionalPipeline`.
 
     Labels default to ``0, 1, ..., num_classes - 1`` repeated (balanced classes). Returns the raw samples (before
-    clipping, so divergence can be measured) and the NFE per image. Image ``i`` is drawn from the seed of
+    clipping, so divergence can be measured) and the NFE per image. ``schedule``: a custom grid (``{"timesteps": ...,
+    "sigmas": ...}``, e.g. an optimised schedule file's) for the scheduler. Image ``i`` is drawn from the seed of
     ``first_index + i`` (:func:`image_seed`), so a run cut into pieces (reflow's pair shards) gives the same images.
     """
     from tqdm.auto import tqdm
@@ -113,7 +115,8 @@ def sample_pipeline(
         for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress, leave=False):
             idx = range(start, min(start + batch_size, num_samples))
             gens = [torch.Generator(pipe.device).manual_seed(image_seed(seed, first_index + i)) for i in idx]
-            out = pipe(labels[idx.start : idx.stop], num_inference_steps, guidance_scale, gens, output_type="latent")
+            grid = {k: (schedule or {}).get(k) for k in ("timesteps", "sigmas")} if schedule else {}
+            out = pipe(labels[idx.start : idx.stop], num_inference_steps, guidance_scale, gens, output_type="latent", **grid)
             images.append(out.images.float().cpu())
             batches += 1
     finally:
