@@ -303,3 +303,34 @@ def test_nt_plms_matches_the_official_update():
         x = torch.zeros(3, 2, dtype=torch.float64)
         x_next, state = nt_plms_rule(x, x - sigma * eps, sigma, sigma - 1, state, order=4, beta=0.7)  # denoised with eps = grads
         torch.testing.assert_close(-x_next, direction)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("steps", [5, 10])
+def test_unipc_equals_diffusers_unipc(order, steps):
+    """beta = 1: diffusers' UniPCMultistepScheduler (bh2, data prediction, corrector, lower-order final step) driven by
+    the oracle, and fastdiff's rule on its sigmas, land on the same samples."""
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    gmm = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=torch.float64), 0.4)
+    cfg = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    unipc = UniPCMultistepScheduler.from_config(cfg, solver_order=order)
+    unipc.set_timesteps(steps)
+    sigmas = unipc.sigmas.double()
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = x * (1 + sigmas[0] ** 2).sqrt()  # the VP input read in sigma space
+    for i, t in enumerate(unipc.timesteps):
+        a = 1 / (1 + sigmas[i] ** 2).sqrt()
+        eps = (x / a - gmm(x / a, sigmas[i])) / sigmas[i]
+        x = unipc.step(eps, t, x).prev_sample
+    torch.testing.assert_close(S.sample_unipc(gmm, start, sigmas, order=order), x, rtol=1e-5, atol=1e-6)
+
+
+def test_unipc_heavy_ball_damps_and_is_first_order(problem):
+    gmm, x, _ = problem
+    karras = S.karras_sigmas(9, 0.05, 3.0)
+    assert not torch.allclose(S.sample_unipc(gmm, x, karras, beta=0.8), S.sample_unipc(gmm, x, karras))
+    assert 0.7 < _order(problem, S.sample_unipc, 80, beta=0.8) < 1.2  # heavy ball: first order (measured 0.82)
+    assert 2.4 < _order(problem, S.sample_unipc, 40) < 3.2  # UniPC-2 + UniC: order 3 (measured 2.73)
+    with pytest.raises(InputError, match="UniPC order must be 1 or 2"):
+        S.sample_unipc(gmm, x, karras, order=3)

@@ -2,6 +2,7 @@
 save/load, flow matching."""
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -23,13 +24,14 @@ from fastdiff.samplers.diffusers import (
     PLMSScheduler,
     ReflowScheduler,
     SPNDMScheduler,
+    UniPCHeavyBallScheduler,
 )
 from fastdiff.samplers.grids import FLOW_T_MAX, flow_grid, solver_sigmas
 from fastdiff.schedules import sigma_to_flow_time
 
 PAIRS = [
     (GHVBScheduler, S.sample_ghvb), (HeavyBallPLMSScheduler, S.sample_hb_plms), (NesterovPLMSScheduler, S.sample_nt_plms),
-    (HeavyBallDPMSolverScheduler, S.sample_hb_dpmpp_2m),
+    (HeavyBallDPMSolverScheduler, S.sample_hb_dpmpp_2m), (UniPCHeavyBallScheduler, partial(S.sample_unipc, beta=0.8)),
     (IPNDMScheduler, S.sample_ipndm), (PLMSScheduler, S.sample_plms), (SPNDMScheduler, S.sample_spndm), (FPNDMScheduler, S.sample_fpndm),
 ]  # fmt: skip
 ALL = [cls for cls, _ in PAIRS]

@@ -52,13 +52,14 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "ghvb-1.8": _fastdiff("GHVBScheduler", solver_order=2, momentum=0.8),  # best all-round in `fastdiff bench samplers`
     "hb-plms": _fastdiff("HeavyBallPLMSScheduler"),
     "nt-plms": _fastdiff("NesterovPLMSScheduler"),
+    "unipc-hb": _fastdiff("UniPCHeavyBallScheduler"),
     "hb-dpmpp-2m": _fastdiff("HeavyBallDPMSolverScheduler"),
     "ipndm": _fastdiff("IPNDMScheduler"),
     "plms": _fastdiff("PLMSScheduler"),
     "s-pndm": _fastdiff("SPNDMScheduler"),
     "f-pndm": _fastdiff("FPNDMScheduler"),
 }
-FASTDIFF_SCHEDULERS = ("ghvb", "ghvb-1.8", "hb-plms", "nt-plms", "hb-dpmpp-2m", "ipndm", "plms", "s-pndm", "f-pndm")
+FASTDIFF_SCHEDULERS = ("ghvb", "ghvb-1.8", "hb-plms", "nt-plms", "hb-dpmpp-2m", "unipc-hb", "ipndm", "plms", "s-pndm", "f-pndm")
 
 
 def make_scheduler(name: str, config: dict, **overrides: Any) -> Any:

@@ -36,19 +36,20 @@ from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, 
 from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule, nt_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
 from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, ipndm_rule, pndm_program
+from fastdiff.samplers.unipc import check_unipc, unipc_rule
 from fastdiff.schedules import TIME_SHIFT_TYPES, FlowSchedule, VPSchedule
 
 __all__ = [
-    "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "NesterovPLMSScheduler", "HeavyBallDPMSolverScheduler",
+    "SigmaGridScheduler", "MomentumScheduler", "GHVBScheduler", "HeavyBallPLMSScheduler", "NesterovPLMSScheduler", "UniPCHeavyBallScheduler", "HeavyBallDPMSolverScheduler",
     "IPNDMScheduler", "PseudoNumericalScheduler", "PLMSScheduler", "SPNDMScheduler", "FPNDMScheduler", "CTMScheduler", "ReflowScheduler", "FLOW_T_MAX",
 ]  # fmt: skip
 
 SOLVERS = {
     "ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "nt-plms": nt_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule,
-    "ipndm": ipndm_rule,
+    "ipndm": ipndm_rule, "unipc-hb": unipc_rule,
 }  # fmt: skip
-_ORDERED = ("ghvb", "hb-plms", "nt-plms", "ipndm")  # solvers with a multistep order
-_DAMPED = ("ghvb", "hb-plms", "nt-plms", "hb-dpmpp-2m")  # solvers with a momentum
+_ORDERED = ("ghvb", "hb-plms", "nt-plms", "ipndm", "unipc-hb")  # solvers with a multistep order
+_DAMPED = ("ghvb", "hb-plms", "nt-plms", "hb-dpmpp-2m", "unipc-hb")  # solvers with a momentum
 _FLOW_COMPATIBLES = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 
 
@@ -218,9 +219,9 @@ class MomentumScheduler(SigmaGridScheduler):
 
     Args:
         solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``nt-plms`` (Nesterov on PLMS),
-            ``hb-dpmpp-2m`` (heavy ball on DPM-Solver++(2M)), ``ipndm`` (PLMS with Adams-Bashforth warm-up) or
-            ``dpmpp-2m``; default per class.
-        solver_order: multistep order 1-4 (GHVB, HB-PLMS, NT-PLMS, iPNDM).
+            ``hb-dpmpp-2m`` (heavy ball on DPM-Solver++(2M)), ``unipc-hb`` (heavy ball on UniPC), ``ipndm`` (PLMS with
+            Adams-Bashforth warm-up) or ``dpmpp-2m``; default per class.
+        solver_order: multistep order 1-4 (GHVB, HB-PLMS, NT-PLMS, iPNDM; default 4) or 1-2 (UniPC-HB; default 2).
         momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
         use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``
             (``use_exponential_sigmas``, ``use_beta_sigmas``: those spacings; all as DPM-Solver / FlowMatchEuler).
@@ -244,7 +245,7 @@ class MomentumScheduler(SigmaGridScheduler):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         solver: str | None = None,
-        solver_order: int = 4,
+        solver_order: int | None = None,
         momentum: float = 0.8,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
@@ -262,8 +263,11 @@ class MomentumScheduler(SigmaGridScheduler):
     ):
         solver = solver or self._default_solver
         check_choice("solver", solver, SOLVERS)
-        self.register_to_config(solver=solver)  # record the resolved solver, so any class reloads the same one
+        solver_order = solver_order or (2 if solver == "unipc-hb" else 4)  # UniPC's default order is 2
+        self.register_to_config(solver=solver, solver_order=solver_order)  # resolved, so any class reloads the same one
         _check(solver_order if solver in _ORDERED else 1, momentum if solver in _DAMPED else 1.0)
+        if solver == "unipc-hb":
+            check_unipc(solver_order, momentum)
         params = {"beta": momentum} if solver in _DAMPED else {}
         if solver in _ORDERED:
             params["order"] = solver_order
@@ -386,6 +390,12 @@ class NesterovPLMSScheduler(MomentumScheduler):
     """Nesterov momentum on PLMS (the paper code's PLMS-NT)."""
 
     _default_solver = "nt-plms"
+
+
+class UniPCHeavyBallScheduler(MomentumScheduler):
+    """Heavy-ball momentum on UniPC (bh2 with the corrector; ``solver_order`` 1 or 2; ``momentum=1`` is UniPC exactly)."""
+
+    _default_solver = "unipc-hb"
 
 
 class HeavyBallDPMSolverScheduler(MomentumScheduler):
