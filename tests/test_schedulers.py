@@ -365,3 +365,30 @@ def test_vp_schedulers_expose_betas_alphas_and_alphas_cumprod_as_diffusers(cls):
         assert torch.equal(compute_snr(ours, t), compute_snr(ref, t))
     if cls is not CTMScheduler:  # CTM samples VP students only
         assert not hasattr(cls.from_config(FlowMatchEulerDiscreteScheduler().config), "alphas_cumprod")
+
+
+@pytest.mark.parametrize("cls", [*ALL, CTMScheduler, ReflowScheduler], ids=lambda c: c.__name__)
+def test_every_scheduler_takes_ays_timesteps_and_sigmas(cls):
+    """Align Your Steps' SD-1.5 lists as diffusers ships them: explicit timesteps= and sigmas= become the grid."""
+    from diffusers.schedulers import AysSchedules
+
+    scheduler = cls.from_config(_vp_config())
+    scheduler.set_timesteps(timesteps=AysSchedules["StableDiffusionTimesteps"])
+    assert scheduler.grid_timesteps.tolist() == AysSchedules["StableDiffusionTimesteps"]
+    ays = AysSchedules["StableDiffusionSigmas"]  # ends in 0; its first value is the schedule's largest, rounded up
+    scheduler.set_timesteps(sigmas=ays)
+    expected = torch.tensor([min(ays[0], scheduler.schedule.sigma_max), *ays[1:]], dtype=torch.float64)
+    torch.testing.assert_close(scheduler.grid.double(), expected)
+    with pytest.raises(InputError, match="sigma must lie in"):
+        scheduler.set_timesteps(sigmas=[20.0, 1.0])  # far outside: refused, not clamped
+
+
+@pytest.mark.parametrize("cls", [PLMSScheduler, SPNDMScheduler, FPNDMScheduler])
+def test_pndm_family_combines_in_x0_space_for_every_prediction_type(cls):
+    """A v-prediction model and its epsilon-prediction equivalent give the same samples (diffusers' PNDMScheduler
+    combines v outputs in v space: an open bug)."""
+    eps, v = cls.from_config(_vp_config(prediction_type="epsilon")), cls.from_config(_vp_config(prediction_type="v_prediction"))
+    for s in (eps, v):
+        s.set_timesteps(10)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_run(eps, x, "epsilon"), _run(v, x, "v_prediction"), rtol=1e-9, atol=1e-10)

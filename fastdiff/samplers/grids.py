@@ -203,6 +203,14 @@ def grid_from_config(schedule: NoiseSchedule, config: Mapping[str, Any], n: int 
     return _vp_grid(schedule, config, n, timesteps, sigmas)
 
 
+def _snap_to_range(sigmas: Tensor, low: float, high: float, rel: float = 1e-3) -> Tensor:
+    """Published lists are rounded (Align Your Steps' SD-1.5 sigmas start at 14.615 for a schedule whose largest is
+    14.6146): values within ``rel`` outside the schedule's range are read as its end; anything further stays, and is
+    refused by the range check downstream."""
+    sigmas = torch.where((sigmas > high) & (sigmas <= high * (1 + rel)), torch.full_like(sigmas, high), sigmas)
+    return torch.where((sigmas < low) & (sigmas >= low * (1 - rel)), torch.full_like(sigmas, low), sigmas)
+
+
 def _vp_grid(schedule: NoiseSchedule, config: Mapping[str, Any], n: int | None, timesteps: Sequence[float] | None,
              sigmas: Sequence[float] | None) -> Grid:  # fmt: skip
     if timesteps is not None and sigmas is not None:
@@ -210,6 +218,7 @@ def _vp_grid(schedule: NoiseSchedule, config: Mapping[str, Any], n: int | None, 
     if sigmas is not None:
         s = torch.as_tensor(sigmas, dtype=torch.float64)
         s = s[: len(s) - int(s[-1] == 0)]
+        s = _snap_to_range(s, schedule.sigma_min, schedule.sigma_max)
         return Grid(_append_zero(s), schedule.sigma_to_t(s), integer=False)
     if timesteps is not None:
         t = torch.as_tensor(timesteps, dtype=torch.float64)
