@@ -10,12 +10,16 @@ with ``res`` the predictor's (UniP: ``rho_p`` on the differences ``D1_k = (m_k -
 (UniC: ``rho_c`` on those and on the new evaluation ``m_t - m0``) combination; ``rho`` solve the order conditions
 ``R rho = b`` of the paper (eq. 8; order 2's predictor takes ``rho = 1/2``, order 1's corrector ``1/2``).
 
-Heavy ball (``beta < 1``), as the official ``MomentumUniPCMultistepScheduler``: the velocity is ``D_hat`` divided by the
-VP noise level ``sigma_t / sqrt(1 + sigma_t^2)`` of the step's target, ``v <- (1 - beta) v + beta D_hat / sigma_vp(t)``
-(``v`` starts at its first value), and the update uses ``sigma_vp(t) v`` for ``D_hat`` -- separate velocities for the
-predictor and the corrector. The official predictor overwrites its velocity with the fresh value right after the
-update (``self.vel_p = val``), so it has no momentum; here it has, as the method is described. ``beta = 1`` is UniPC
-exactly. The final step to sigma = 0 returns the data prediction (diffusers' lower-order final step).
+Heavy ball (``beta < 1``): ``v <- (1 - beta) v + beta D_hat`` (``v`` starts at its first ``D_hat``) and the update
+uses ``v`` for ``D_hat``, with separate velocities for the predictor and the corrector -- the momentum of the official
+DPM-Solver++ variant (``MomentumDPMSolverMultistepScheduler``), on the combined data prediction. Two departures from
+the official ``MomentumUniPCMultistepScheduler``, both deliberate: (1) its velocity is ``D_hat / sigma_vp(t)``
+(``sigma_vp = sigma / sqrt(1 + sigma^2)``, the VP noise level of the step's target), so each step shrinks the old
+velocity by ``sigma_vp(t) / sigma_vp(s)``: the weights no longer sum to 1 where steps are large relative to sigma (the
+low-noise end of uniform-timestep grids), and on an exact Gaussian model its error stayed at 0.30 from 50 to 100
+steps; (2) its predictor overwrites the velocity with the fresh value right after the update (``self.vel_p = val``),
+so only the corrector had momentum. ``beta = 1`` is UniPC exactly. The final step to sigma = 0 returns the data
+prediction (diffusers' lower-order final step).
 """
 
 from __future__ import annotations
@@ -74,10 +78,6 @@ def check_unipc(order: int, beta: float) -> None:
         raise InputError(f"UniPC order must be 1 or 2 and its momentum beta in (0, 1]; got order {order}, beta {beta}")
 
 
-def _vp(sigma: Tensor) -> Tensor:
-    return sigma / (1 + sigma**2).sqrt()
-
-
 def _momentum(velocity: Tensor | None, value: Tensor, beta: float) -> Tensor:
     return value if velocity is None else (1 - beta) * velocity + beta * value
 
@@ -89,14 +89,14 @@ def unipc_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, s
     outputs, last_x, last_order, vel_p, vel_c = state or ((), None, 0, None, None)
     if last_x is not None:  # UniC: correct the predictor's x at sigma with the evaluation made there
         (m0, s0), earlier = outputs[0], outputs[1:last_order]
-        vel_c = _momentum(vel_c, unipc_direction(m0, earlier, s0, sigma, last_order, denoised) / _vp(sigma), beta)
-        x = (sigma / s0) * last_x - torch.expm1(-torch.log(s0 / sigma)) * _vp(sigma) * vel_c
+        vel_c = _momentum(vel_c, unipc_direction(m0, earlier, s0, sigma, last_order, denoised), beta)
+        x = (sigma / s0) * last_x - torch.expm1(-torch.log(s0 / sigma)) * vel_c
     outputs = ((denoised, sigma), *outputs)[:order]
     if sigma_next == 0:
         return denoised, (outputs, None, 1, vel_p, vel_c)
     this_order = len(outputs)
-    vel_p = _momentum(vel_p, unipc_direction(denoised, outputs[1:], sigma, sigma_next, this_order) / _vp(sigma_next), beta)
-    x_next = (sigma_next / sigma) * x - torch.expm1(-torch.log(sigma / sigma_next)) * _vp(sigma_next) * vel_p
+    vel_p = _momentum(vel_p, unipc_direction(denoised, outputs[1:], sigma, sigma_next, this_order), beta)
+    x_next = (sigma_next / sigma) * x - torch.expm1(-torch.log(sigma / sigma_next)) * vel_p
     return x_next, (outputs, x, this_order, vel_p, vel_c)
 
 
