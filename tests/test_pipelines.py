@@ -153,3 +153,31 @@ def test_unknown_pipeline_class_is_a_one_line_error(folder, tmp_path, capsys):
     (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": 3}))
     with pytest.raises(InputError, match="`_class_name` is 3"):
         load_pipeline(bad)
+
+
+def test_student_folders_load_in_a_fresh_process(tmp_path):
+    """diffusers loads a folder's component classes only from modules already imported: a CTM student (TwoTimeModel +
+    CTMScheduler) and a reflow student (VPFlowModel) must load in a new interpreter through fastdiff's loader and
+    through diffusers' custom-pipeline mechanism (the folder's pipeline.py)."""
+    import subprocess
+    import sys
+
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from conftest import tiny_unet
+
+    from fastdiff.flow_student import VPFlowModel
+    from fastdiff.pipelines.class_conditional import save_teacher
+    from fastdiff.samplers.diffusers import CTMScheduler
+    from fastdiff.two_time import TwoTimeModel
+
+    config = DDPMScheduler(prediction_type="v_prediction").config
+    save_teacher(ClassConditionalPipeline(scheduler=CTMScheduler.from_config(config), unet=TwoTimeModel.from_base(tiny_unet(num_class_embeds=4))), tmp_path / "ctm")
+    save_teacher(ClassConditionalPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), unet=VPFlowModel.from_base(tiny_unet(num_class_embeds=4), config)), tmp_path / "reflow")
+    code = (f"from diffusers import DiffusionPipeline\nfrom fastdiff.pipelines import load_pipeline\n"
+            f"for name in ('ctm', 'reflow'):\n"
+            f"    a = load_pipeline(r'{tmp_path}/' + name)\n"
+            f"    b = DiffusionPipeline.from_pretrained(r'{tmp_path}/' + name, custom_pipeline='pipeline', trust_remote_code=True)\n"
+            f"    print(type(a.unet).__name__, type(b.unet).__name__, type(b.scheduler).__name__)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["TwoTimeModel TwoTimeModel CTMScheduler", "VPFlowModel VPFlowModel FlowMatchEulerDiscreteScheduler"]

@@ -22,6 +22,11 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+# diffusers loads a folder's component classes only from modules already imported: the students' models (reflow's
+# VPFlowModel, CTM's TwoTimeModel) and fastdiff's schedulers (CTMScheduler, GHVBScheduler, ...) that folders name
+import fastdiff.flow_student  # noqa: F401
+import fastdiff.samplers.diffusers  # noqa: F401
+import fastdiff.two_time  # noqa: F401
 from fastdiff.denoisers import call_model
 from fastdiff.errors import InputError
 
