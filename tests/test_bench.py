@@ -347,3 +347,22 @@ def test_distill_rows_sample_with_their_schedulers_settings():
     assert type(ctm) is CTMScheduler and ctm.config.gamma == 1.0
     reflow = _sampling_scheduler(FlowMatchEulerDiscreteScheduler(), {"scheduler": "reflow"})
     assert type(reflow) is ReflowScheduler and reflow.flow
+
+
+def test_quick_distill_makes_reflow_pairs_inside_its_temporary_folder(tmp_path, monkeypatch):
+    """`fastdiff bench distill --quick` must not generate the recipe's 20k pairs into ./runs: a few, in the run folder."""
+    from fastdiff.bench import distill
+    from fastdiff.bench.common import Cells
+
+    class Recorded(Exception):
+        pass
+
+    def record(recipe, **kw):
+        raise Recorded(recipe)
+
+    monkeypatch.setattr("fastdiff.training.distill.run_distill", record)
+    path = Path(__file__).resolve().parent.parent / "recipes" / "reflow_digits.yaml"
+    with pytest.raises(Recorded) as caught:
+        distill._train(path, [f"output_dir={tmp_path / 'run'}"], True, False, Cells(None), 8)
+    r = caught.value.args[0].reflow
+    assert (r.num_pairs, r.pair_steps, Path(r.pairs)) == (64, 2, tmp_path / "run" / "pairs")

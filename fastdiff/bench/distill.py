@@ -199,6 +199,9 @@ def _train(path: Path, overrides: list[str], quick: bool, progress: bool, cells:
         overrides = [*overrides, "trainer.eval_every=0", f"eval.num_samples={n}", "trainer.steps=6", "trainer.batch_size=32",
                      "trainer.checkpoint_every=1000"]  # fmt: skip
     recipe = load_config(DistillRecipe, path, overrides)
+    if quick and recipe.objective == "reflow":  # a few pairs, inside the temporary run folder
+        overrides = [*overrides, f"reflow.pairs={Path(recipe.output_dir) / 'pairs'}", "reflow.num_pairs=64", "reflow.pair_steps=2"]
+        recipe = load_config(DistillRecipe, path, overrides)
     out = Path(recipe.output_dir)
     student = out / "student" / "training.json"
     if out.exists() and not quick and not cells.resume:
