@@ -53,7 +53,7 @@ def test_optimised_schedule_beats_karras_and_uniform_t_on_the_oracle():
         assert e_ours < e_karras and e_ours < e_uniform, (steps, e_ours, e_karras, e_uniform)
 
 
-def test_schedule_file_round_trip_and_refusals(tmp_path, capsys):
+def test_schedule_file_round_trip_and_refusals(tmp_path, capsys, monkeypatch):
     """`fastdiff schedule optimize` writes a schedule that `fastdiff sample --schedule` uses on the same pipeline,
     solver and step count (the scheduler's grid is the file's sigmas), and refuses for another, by name."""
     import json
@@ -71,6 +71,15 @@ def test_schedule_file_round_trip_and_refusals(tmp_path, capsys):
     assert main([*sample, "--scheduler", "ddim", "--out", str(tmp_path / "b")]) == 2
     assert "optimised for solver 'ghvb-1.8', not 'ddim'" in capsys.readouterr().err
     assert main(["schedule", str(out.parent / "missing")]) == 2  # the old form, `schedule CONFIG`, still reads a config
+    before = out.read_text()
+    optimize = ["schedule", "optimize", "digits", "--scheduler", "ghvb-1.8", "--samples", "4", "--fine", "12", "--no-progress"]
+    assert main([*optimize, "--steps", "3", "--out", str(out)]) == 2 and out.read_text() == before  # never overwritten
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    import fastdiff.samplers.schedule_search as search
+
+    monkeypatch.setattr(search, "reference_trajectories", lambda *a, **k: pytest.fail("bad --steps must fail before any work"))
+    assert main([*optimize, "--steps", "0", "--out", str(tmp_path / "zero.json")]) == 2 and not (tmp_path / "zero.json").exists()
+    assert "1 <= --steps < --fine" in capsys.readouterr().err
 
 
 def test_pipeline_takes_the_schedules_sigmas():

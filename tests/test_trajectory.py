@@ -193,3 +193,14 @@ def test_lpips_reads_its_backbone_from_a_local_file_and_names_the_file_to_fetch(
         perceptual_distance("lpips", None, tmp_path / "bad.pth")
     with pytest.raises(InputError, match="has none"):
         perceptual_distance("features", "folder")
+
+
+def test_discriminator_phase_spends_no_model_calls_before_the_gan_starts():
+    obj = _objective(discriminator=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1)), gan_weight=None, gan_start=5)
+    calls = []
+    jump = obj.jump
+    obj.jump = lambda *a: calls.append(1) or jump(*a)
+    out = obj(_batch(), "discriminator", 0)
+    assert calls == [] and out.total.item() == 0 and "gan" not in obj(_batch(), "student", 0).terms
+    calls.clear()
+    assert obj(_batch(), "discriminator", 5).total.item() > 0 and len(calls) == 2  # the fake: online jump, then target jump

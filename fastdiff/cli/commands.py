@@ -222,6 +222,8 @@ def cmd_schedule_optimize(args: argparse.Namespace) -> None:
     from fastdiff.pipelines.sampling import make_scheduler
     from fastdiff.pipelines.schedule_files import optimize_pipeline_schedule, write_schedule
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"{args.out} already exists; pass --overwrite or another --out")
     pipe = load_pipeline(pipeline_path(args.pipeline))
     pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
     record = optimize_pipeline_schedule(pipe, args.pipeline, args.scheduler, args.steps, args.guidance, args.samples, args.seed, args.fine,

@@ -206,6 +206,7 @@ def _add_schedule(sub: Subparsers) -> None:
     opt.add_argument("--fine", type=int, default=80, help="points of the fine candidate grid (default %(default)s)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (default 0)")
     opt.add_argument("--out", required=True, metavar="JSON", help="where to write the schedule")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     opt.set_defaults(func=commands.cmd_schedule_optimize)
 

@@ -147,7 +147,6 @@ class ConsistencyTrajectory(Objective):
         """``G_model(x, t, s)``."""
         return ctm_jump(x, self.g(model, x, t, s, cond), t, s)
 
-
     @torch.no_grad()
     def teacher_solve(self, x: Tensor, n: Tensor, k: int, cond: dict, uncond: dict) -> Tensor:
         """``k`` Heun steps of the (guided) teacher from ``sigma_n`` to ``sigma_{n+k}``, per sample."""
@@ -185,10 +184,11 @@ class ConsistencyTrajectory(Objective):
         x, seeds, cond, uncond, k, n, t, u, s, x_t = self._pairs(batch, step)
         gan = self.discriminator is not None and step >= self.gan_start
         if phase == "discriminator":
+            if not gan:  # before gan_start: no gradient, and no model calls spent on fakes
+                return LossOutput({"gan": x.new_zeros((), requires_grad=True)})
             with torch.no_grad():
                 fake = self.jump(self.target, self.jump(self.net, x_t, t, s, cond), s, torch.full_like(s, float(self.sigmas[-1])), cond)
-            return LossOutput({"gan": hinge_discriminator_loss(self.discriminator(fake), self.discriminator(x)) if gan
-                               else x.new_zeros((), requires_grad=True)})  # fmt: skip
+            return LossOutput({"gan": hinge_discriminator_loss(self.discriminator(fake), self.discriminator(x))})
         x_u = self.teacher_solve(x_t, n, k, cond, uncond)
         sigma_min = torch.full_like(s, float(self.sigmas[-1]))
         per_sample, x_est = ctm_loss(lambda y, a, b: self.jump(self.net, y, a, b, cond), lambda y, a, b: self.jump(self.target, y, a, b, cond),

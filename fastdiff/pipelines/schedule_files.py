@@ -33,8 +33,8 @@ def optimize_pipeline_schedule(pipe: Any, model_id: str, solver: str, steps: int
     from fastdiff.samplers.schedule_search import optimize_schedule
     from fastdiff.schedules import schedule_from_config
 
-    if num_samples < 1 or fine_points < steps + 1:
-        raise InputError(f"need num_samples >= 1 and fine points > steps; got {num_samples} samples, {fine_points} points, {steps} steps")
+    if num_samples < 1 or steps < 1 or fine_points < steps + 1:  # before minutes of reference trajectories
+        raise InputError(f"need --samples >= 1 and 1 <= --steps < --fine; got {num_samples} samples, {steps} steps, {fine_points} fine points")
     schedule = schedule_from_config(dict(pipe.scheduler.config))
     den = DiffusersDenoiser.from_pipeline(pipe)
     labels = torch.arange(num_samples) % pipe.num_classes
