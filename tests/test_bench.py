@@ -92,12 +92,49 @@ def test_sampler_report_and_targets(tmp_path):
     assert "beats every diffusers scheduler in 1 of 1 cells" in report and (tmp_path / "bench" / "samplers_fid_vs_nfe.png").stat().st_size > 0
 
 
+def test_optimised_schedule_targets_and_report(tmp_path):
+    """The optimised-schedule part: best fastdiff (solver + schedule) against diffusers' best on its default and on the
+    same optimised schedule, per cell; the recommended setting is the fastdiff one with the lowest mean log FID."""
+    from fastdiff.bench.samplers import optimised_targets
+
+    def row(name, source, g, fid_test):
+        return {"sampler": name, "source": source, "guidance": g, "nfe": 6.0, "steps": 6, "fid_test": fid_test, "fid_converged": 1.0,
+                "rmse_to_converged": 0.1, "out_of_range": 0.0, "diverged": 0.0, "seconds": 1.0, "schedule": "optimised"}  # fmt: skip
+
+    opt_rows = [row("A", "fastdiff", 1.0, 10.0), row("Euler", "diffusers", 1.0, 11.5), row("A", "fastdiff", 6.0, 15.0), row("Euler", "diffusers", 6.0, 8.0)]
+    data = {
+        "machine": machine(), "quick": False, "teacher": "fashion-mnist", "num_samples": 8, "guidance": [1.0, 6.0], "nfe": [6],
+        "reference": {"1.0": {"sampler": "DPM-Solver++(2M)", "nfe": 50, "fid_test": 9.0, "out_of_range": 0.0},
+                      "6.0": {"sampler": "DPM-Solver++(2M)", "nfe": 50, "fid_test": 20.0, "out_of_range": 0.5}},
+        "rows": _sampler_rows(), "overhead": {"batch": 4, "teacher_forward_ms": 10.0, "rows": []},
+        "optimised": {"nfe": [6], "calibration": {"1.0": {"seconds": 50.0}, "6.0": {"seconds": 90.0}}, "schedules": {}, "rows": opt_rows},
+        "oracle": {"grid": "k", "steps": [5], "uniform_grid": "u", "uniform_steps": [10], "points": 4, "rows": []},
+    }  # fmt: skip
+    t = optimised_targets(data)
+    assert t["recommended"] == "A + optimised schedule" and t["recommended_diverged"] == 0.0
+    assert [(c["fastdiff_fid"], c["diffusers_fid"], c["diffusers_optimised_fid"]) for c in t["cells"]] == [(10.0, 13.0, 11.5), (15.0, 18.0, 8.0)]
+    assert optimised_targets({**data, "optimised": {"rows": []}}) is None
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "samplers.json").write_text(json.dumps(data))
+    write_report(tmp_path / "bench", tmp_path / "BENCHMARKS.md", None)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| A (fastdiff) | 11 -> 10 |" in report and "w=6.0: 90 s" in report
+    assert "default schedule in 2 of 2 cells" in report and "same optimised schedule in 1 of 2" in report
+
+
 def test_sampler_bench_quick_runs_end_to_end():
-    from fastdiff.bench.samplers import SAMPLER_ENTRIES, bench_samplers
+    from fastdiff.bench.samplers import OPTIMISED_ENTRIES, SAMPLER_ENTRIES, bench_samplers
 
     data = bench_samplers(quick=True, progress=False, num_samples=4)
     labels = {r["sampler"] for r in data["rows"]}
     assert labels == {e[0] for e in SAMPLER_ENTRIES}
+    opt = data["optimised"]
+    assert {r["sampler"] for r in opt["rows"]} == set(OPTIMISED_ENTRIES) and opt["nfe"] == [6]
+    sigmas = opt["schedules"]["6.0"]["6"]["sigmas"]
+    assert len(sigmas) == 6 and sigmas == sorted(sigmas, reverse=True) and opt["calibration"]["1.0"]["seconds"] > 0
+    default = {(r["sampler"], r["guidance"]): r for r in data["rows"] if r["nfe"] == 6}
+    for r in opt["rows"]:  # the optimised schedule was used: other samples than the default grid's
+        assert r["rmse_to_converged"] != pytest.approx(default[r["sampler"], r["guidance"]]["rmse_to_converged"], rel=1e-6)
     plms = [r for r in data["rows"] if r["sampler"] == "PLMS"]
     assert all(r["nfe"] == r["steps"] + 1 for r in plms)  # the warm-up's extra evaluation is counted
     assert all(0 <= r["diverged"] <= r["out_of_range"] <= 1 for r in data["rows"])  # diverged implies out of range

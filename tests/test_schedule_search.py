@@ -91,6 +91,26 @@ def test_pipeline_takes_the_schedules_sigmas():
     pipe.scheduler = make_scheduler("ghvb-1.8", dict(pipe.scheduler.config))
     pipe(class_labels=[1], num_inference_steps=3, sigmas=[60.0, 4.0, 0.3], output_type="latent")
     assert pipe.scheduler.sigmas.tolist() == [60.0, 4.0, 0.3, 0.0]
-    pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
-    with pytest.raises(InputError, match="DDIMScheduler.set_timesteps takes no sigmas="):
-        pipe(class_labels=[1], num_inference_steps=3, sigmas=[60.0, 4.0, 0.3], output_type="latent")
+    for name in ("ddim", "unipc"):  # diffusers' UniPC has sigmas= but refuses it on a VP grid: a clear error, not theirs
+        pipe.scheduler = make_scheduler(name, dict(pipe.scheduler.config))
+        with pytest.raises(InputError, match=f"{type(pipe.scheduler).__name__}.set_timesteps takes no sigmas="):
+            pipe(class_labels=[1], num_inference_steps=3, sigmas=[60.0, 4.0, 0.3], output_type="latent")
+
+
+def test_one_calibration_serves_every_step_count(monkeypatch):
+    """The reference trajectories are computed once per calibration; each step count's schedule from it equals the one
+    `optimize_pipeline_schedule` makes from scratch for that step count (same noise, same grid)."""
+    import fastdiff.samplers.schedule_search as search
+    from fastdiff.eval.assets import pipeline_path
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.schedule_files import calibrate_pipeline, optimize_pipeline_schedule, schedule_from_calibration
+
+    pipe = load_pipeline(pipeline_path("digits"))
+    calls, original = [], search.reference_trajectories
+    monkeypatch.setattr(search, "reference_trajectories", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calibration = calibrate_pipeline(pipe, 1.0, num_samples=4, seed=3, fine_points=12)
+    shared = {n: schedule_from_calibration(pipe, calibration, "digits", "ghvb-1.8", n) for n in (2, 3, 5)}
+    assert len(calls) == 1 and [len(s["sigmas"]) for s in shared.values()] == [2, 3, 5]
+    for n, record in shared.items():
+        alone = optimize_pipeline_schedule(pipe, "digits", "ghvb-1.8", n, num_samples=4, seed=3, fine_points=12)
+        assert alone["sigmas"] == pytest.approx(record["sigmas"], rel=1e-5) and alone["calibration"]["cost"] == pytest.approx(record["calibration"]["cost"], rel=1e-4)

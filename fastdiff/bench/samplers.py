@@ -22,7 +22,7 @@ import torch
 
 from fastdiff.pipelines import make_scheduler
 
-__all__ = ["SAMPLER_ENTRIES", "bench_samplers", "render_samplers", "plot_samplers"]
+__all__ = ["SAMPLER_ENTRIES", "OPTIMISED_ENTRIES", "bench_samplers", "render_samplers", "plot_samplers"]
 
 # (label, scheduler name in fastdiff.pipelines.sampling.SCHEDULERS, config overrides, extra model calls beyond one per step)
 SAMPLER_ENTRIES: list[tuple[str, str, dict, int]] = [
@@ -45,6 +45,13 @@ SAMPLER_ENTRIES: list[tuple[str, str, dict, int]] = [
     ("PNDM (skip_prk, = PLMS)", "pndm", {}, 1),
 ]
 MIN_STEPS = {"f-pndm": 4}
+# the optimised-schedule part (issue 17): one GITS calibration per guidance scale serves every NFE and solver; these
+# solvers run on it -- fastdiff's momentum / multistep solvers and every diffusers scheduler that takes a custom grid
+# (DDIM and PNDM take none; UniPC takes sigmas= only with use_flow_sigmas)
+OPTIMISED_NFE = (4, 6, 8, 10)
+OPTIMISED_ENTRIES = ("GHVB 3.8 (order 4, beta 0.8)", "GHVB 1.8 (order 2, beta 0.8)", "NT-PLMS (order 4, beta 0.8)",
+                     "HB-DPM-Solver++(2M) (beta 0.8)", "UniPC-HB (order 2, beta 0.8)", "iPNDM",
+                     "DPM-Solver++(2M)", "Euler")  # fmt: skip
 REFERENCE = ("DPM-Solver++(2M)", "dpmpp-2m", 50)  # the converged samples each guidance scale is compared with
 
 
@@ -84,10 +91,10 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     def features(images):  # of the images users see: clipped to [-1, 1]
         return FeatureSet.from_features(extract_features(extractor, images.clamp(-1, 1)))
 
-    def cell(g, ref, ref_features, label, name, overrides, extra, nfe) -> dict:
+    def cell(g, ref, ref_features, label, name, overrides, extra, nfe, schedule=None) -> dict:
         pipe.scheduler = make_scheduler(name, base, **overrides)
         start = time.perf_counter()
-        s = sample_pipeline(pipe, n, nfe - extra, g, seed=0)
+        s = sample_pipeline(pipe, n, nfe - extra, g, seed=0, schedule=schedule)
         seconds = time.perf_counter() - start
         feats = features(s.images)
         out_of_range, diverged = _divergence(s.images, ref.images)
@@ -99,8 +106,18 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
         }  # fmt: skip
 
     runs = [(entry, nfe) for entry in SAMPLER_ENTRIES for nfe in nfes if nfe - entry[3] >= MIN_STEPS.get(entry[1], 1)]
-    bar = tqdm(total=(len(runs) + 1) * len(guidances), desc="samplers", disable=not progress)
-    rows, references = [], {}
+    opt_nfes = [k for k in OPTIMISED_NFE if k in nfes] if not quick else [nfes[0]]
+    opt_entries = [e for e in SAMPLER_ENTRIES if e[0] in OPTIMISED_ENTRIES]
+    bar = tqdm(total=(len(runs) + 1 + len(opt_entries) * len(opt_nfes) + 1) * len(guidances), desc="samplers", disable=not progress)
+    rows, references, ref_cache = [], {}, {}
+
+    def reference(g):  # the converged samples of guidance g and their features, drawn once (where a cell needs them)
+        if g not in ref_cache:
+            pipe.scheduler = make_scheduler(REFERENCE[1], base)
+            ref = sample_pipeline(pipe, n, REFERENCE[2], g, seed=0)
+            ref_cache[g] = ref, features(ref.images)
+        return ref_cache[g]
+
     for g in guidances:
         keys = [f"n={n} w={g} {entry[0]} nfe={nfe}" for entry, nfe in runs]
         if all(k in cells.found for k in keys):  # a resumed run: this guidance scale is finished, its reference too
@@ -108,22 +125,45 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
             references[str(g)] = cells(f"n={n} w={g} reference", dict)
             bar.update(len(runs) + 1)
             continue
-        pipe.scheduler = make_scheduler(REFERENCE[1], base)
-        ref = sample_pipeline(pipe, n, REFERENCE[2], g, seed=0)
-        ref_features = features(ref.images)
+        ref, ref_features = reference(g)
         references[str(g)] = cells(f"n={n} w={g} reference", lambda: {
             "sampler": REFERENCE[0], "nfe": ref.nfe, "fid_test": fid(ref_features, test), "out_of_range": _divergence(ref.images, ref.images)[0]})  # fmt: skip
         bar.update()
         for key, ((label, name, overrides, extra), nfe) in zip(keys, runs):
             rows.append(cells(key, lambda: cell(g, ref, ref_features, label, name, overrides, extra, nfe)))  # noqa: B023 (called at once)
             bar.update()
+    optimised = {"nfe": opt_nfes, "calibration": {}, "schedules": {}, "rows": []}
+    for g in guidances:  # the same solvers on the GITS-optimised schedule of each (guidance, NFE)
+        record = cells(f"n={n} w={g} calibration", lambda: _optimised_schedules(pipe, g, opt_nfes, quick))  # noqa: B023
+        optimised["calibration"][str(g)], optimised["schedules"][str(g)] = record["calibration"], record["schedules"]
+        bar.update()
+        for (label, name, overrides, extra), nfe in ((e, k) for e in opt_entries for k in opt_nfes):
+            schedule = record["schedules"][str(nfe)]
+
+            def compute():
+                return {**cell(g, *reference(g), label, name, overrides, extra, nfe, schedule), "schedule": "optimised"}  # noqa: B023
+
+            optimised["rows"].append(cells(f"n={n} w={g} {label} nfe={nfe} optimised", compute))
+            bar.update()
     bar.close()
     return {
         "machine": machine(), "quick": quick, "teacher": "fashion-mnist", "num_samples": n, "guidance": list(guidances),
-        "nfe": list(nfes), "reference": references, "rows": rows,
+        "nfe": list(nfes), "reference": references, "rows": rows, "optimised": optimised,
         "overhead": cells(f"overhead quick={quick}", lambda: scheduler_overhead(pipe, base, quick)),
         "oracle": cells(f"oracle quick={quick}", lambda: bench_samplers_oracle(quick=quick, progress=progress)),
     }  # fmt: skip
+
+
+def _optimised_schedules(pipe: Any, guidance: float, nfes: list[int], quick: bool) -> dict:
+    """One GITS calibration of ``pipe`` at ``guidance`` (32 noises, 80-point fine grid; 4 and 12 when ``quick``) and the
+    optimal schedule of each NFE in ``nfes`` from it; its wall-clock seconds."""
+    from fastdiff.pipelines.schedule_files import calibrate_pipeline, schedule_from_calibration
+
+    samples, fine = (4, 12) if quick else (32, 80)
+    calibration = calibrate_pipeline(pipe, guidance, samples, seed=1, fine_points=fine)  # seed 1: not the evaluation noise
+    schedules = {str(k): schedule_from_calibration(pipe, calibration, "fashion-mnist", "any", k) for k in nfes}
+    kept = {k: calibration[k] for k in ("samples", "fine_points", "seconds")}
+    return {"calibration": kept, "schedules": {k: {"sigmas": v["sigmas"], "timesteps": v["timesteps"]} for k, v in schedules.items()}}
 
 
 def scheduler_overhead(pipe: Any, config: dict, quick: bool = False, batch: int = 250, steps: int = 10) -> dict:
@@ -258,7 +298,7 @@ def render_samplers(data: dict) -> list[str]:
               f"on the same batch ({ov['teacher_forward_ms']:.0f} ms):", "", "| scheduler | source | ms per step | share of a forward |",
               "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['scheduler']} | {r['source']} | {r['step_ms']:.2f} | {r['ratio_to_forward']:.2%} |" for r in ov["rows"]]
-    return lines + [""] + _render_samplers_oracle(data["oracle"])
+    return lines + [""] + _render_optimised(data) + _render_samplers_oracle(data["oracle"])
 
 
 def _render_targets(data: dict) -> list[str]:
@@ -284,6 +324,95 @@ def _render_targets(data: dict) -> list[str]:
               f"- guidance 1: {t['champion']} within 5% of the best test FID at {len(close)} of {len(t['guidance_1'])} NFE budgets.",
               f"- scheduler overhead: at most {t['max_fastdiff_overhead']:.2%} of a teacher forward for fastdiff's schedulers (target < 2%)."]  # fmt: skip
     return lines
+
+
+def optimised_targets(data: dict) -> dict | None:
+    """Issue 17's targets on the optimised-schedule part of the JSON (``None`` before it ran): per (guidance, NFE), the
+    best fastdiff solver on either schedule against diffusers' best on its default schedule and on the same optimised
+    one; the recommended fastdiff setting (the solver + schedule with the lowest geometric-mean FID over all cells) and
+    its worst divergence rate."""
+    import math
+
+    opt = data.get("optimised") or {}
+    if not opt.get("rows"):
+        return None
+    tuned_rows = opt["rows"]
+    grid = [(g, k) for g in data["guidance"] for k in opt["nfe"]]
+
+    def at(rows, g, k, source):
+        return [r for r in rows if r["guidance"] == g and round(r["nfe"]) == k and r["source"] == source]
+
+    def best(rows):
+        return min(rows, key=lambda r: r["fid_test"]) if rows else None
+
+    def setting(r):
+        return f"{r['sampler']}" + (" + optimised schedule" if r.get("schedule") == "optimised" else "")
+
+    cells = []
+    for g, k in grid:
+        f = best(at(data["rows"], g, k, "fastdiff") + at(tuned_rows, g, k, "fastdiff"))
+        d, do = best(at(data["rows"], g, k, "diffusers")), best(at(tuned_rows, g, k, "diffusers"))
+        if f and d:
+            cells.append({"guidance": g, "nfe": k, "fastdiff": setting(f), "fastdiff_fid": f["fid_test"], "diffusers": d["sampler"],
+                          "diffusers_fid": d["fid_test"], "diffusers_optimised": do and do["sampler"],
+                          "diffusers_optimised_fid": do and do["fid_test"]})  # fmt: skip
+    scores: dict[str, list[dict]] = {}
+    for r in data["rows"] + tuned_rows:
+        if r["source"] == "fastdiff" and (r["guidance"], round(r["nfe"])) in grid:
+            scores.setdefault(setting(r), []).append(r)
+    complete = {name: rs for name, rs in scores.items() if len(rs) == len(grid)}
+    recommended = min(complete, key=lambda name: sum(math.log(r["fid_test"]) for r in complete[name])) if complete else None
+    return {
+        "cells": cells, "recommended": recommended,
+        "recommended_diverged": max((r["diverged"] for r in complete.get(recommended, [])), default=None),
+        "calibration_seconds": {g: c["seconds"] for g, c in opt["calibration"].items()},
+    }  # fmt: skip
+
+
+def _fid_or_dash(row: dict, k: int) -> str:
+    from fastdiff.bench.common import fmt as _fmt
+
+    return _fmt(row[k]["fid_test"]) if k in row else "-"
+
+
+def _render_optimised(data: dict) -> list[str]:
+    from fastdiff.bench.common import fmt as _fmt
+
+    t = optimised_targets(data)
+    if t is None:
+        return []
+    opt, cells = data["optimised"], t["cells"]
+    beat_default = sum(c["fastdiff_fid"] < c["diffusers_fid"] for c in cells)
+    beat_tuned = sum(c["diffusers_optimised_fid"] is not None and c["fastdiff_fid"] < c["diffusers_optimised_fid"] for c in cells)
+    secs = ", ".join(f"w={g}: {s:.0f} s" for g, s in t["calibration_seconds"].items())
+    lines = ["### Optimised schedules", "",
+             "The same solvers on the schedule `fastdiff schedule optimize` finds (dynamic programming over an 80-point Karras",
+             "grid against reference trajectories of 32 calibration noises, GITS; other noises than the evaluation's). One",
+             "calibration per guidance scale serves every NFE and solver; its cost on this machine (one thread): " + secs + ".",
+             "Each cell: test FID on the solver's default schedule -> on the optimised one (same seeds as above).", ""]  # fmt: skip
+    for g in data["guidance"]:
+        default, tuned = _cells(data, g), {}
+        for r in opt["rows"]:
+            if r["guidance"] == g:
+                tuned.setdefault(r["sampler"], {})[round(r["nfe"])] = r
+        lines += [f"**Guidance {g:g}**", "", "| sampler | " + " | ".join(f"NFE {k}" for k in opt["nfe"]) + " |",
+                  "|---|" + "---|" * len(opt["nfe"])]  # fmt: skip
+        for sampler, row in tuned.items():
+            before = default.get(sampler, {})
+            parts = [f"{_fid_or_dash(before, k)} -> {_fid_or_dash(row, k)}" + (f" †{row[k]['diverged']:.0%}" if row.get(k, {}).get("diverged") else "")
+                     for k in opt["nfe"]]  # fmt: skip
+            lines.append(f"| {sampler} ({row[next(iter(row))]['source']}) | " + " | ".join(parts) + " |")
+        lines.append("")
+    lines += ["**Targets** (computed from this run):", "",
+              f"- fastdiff's best (solver + schedule) beats every diffusers scheduler on its default schedule in {beat_default} of "
+              f"{len(cells)} cells (target: all), and diffusers' best on the same optimised schedule in {beat_tuned} of {len(cells)} "
+              "(target: 12 of 16);",
+              f"- recommended setting (lowest geometric-mean test FID over these cells): **{t['recommended']}**, at most "
+              f"{(t['recommended_diverged'] or 0):.0%} diverged images in any cell;", "",
+              "  | guidance | NFE | best fastdiff | best diffusers (default) | best diffusers (optimised) |", "  |---|---|---|---|---|"]  # fmt: skip
+    lines += [f"  | {c['guidance']:g} | {c['nfe']} | {c['fastdiff']} {_fmt(c['fastdiff_fid'])} | {c['diffusers']} {_fmt(c['diffusers_fid'])} | "
+              + (f"{c['diffusers_optimised']} {_fmt(c['diffusers_optimised_fid'])}" if c["diffusers_optimised"] else "-") + " |" for c in cells]
+    return lines + [""]
 
 
 def plot_samplers(data: dict, path: Path) -> Path:

@@ -137,7 +137,10 @@ def _custom_grid(scheduler: Any, timesteps: list[float] | None, sigmas: list[flo
     """The custom grid to hand ``scheduler.set_timesteps``: ``sigmas`` where it takes them, else ``timesteps``."""
     if timesteps is None and sigmas is None:
         return {}
-    takes = inspect.signature(scheduler.set_timesteps).parameters
+    takes = set(inspect.signature(scheduler.set_timesteps).parameters)
+    diffusers_own = type(scheduler).__module__.startswith("diffusers.")
+    if diffusers_own and getattr(scheduler.config, "use_flow_sigmas", None) is False:  # UniPC: sigmas= on flow grids only
+        takes.discard("sigmas")
     if sigmas is not None and "sigmas" in takes:
         return {"sigmas": list(sigmas)}
     if timesteps is not None and "timesteps" in takes:

@@ -22,38 +22,58 @@ import torch
 
 from fastdiff.errors import InputError
 
-__all__ = ["optimize_pipeline_schedule", "write_schedule", "read_schedule", "check_schedule"]
+__all__ = ["optimize_pipeline_schedule", "calibrate_pipeline", "schedule_from_calibration", "write_schedule", "read_schedule", "check_schedule"]
 
 
 def optimize_pipeline_schedule(pipe: Any, model_id: str, solver: str, steps: int, guidance: float = 1.0, num_samples: int = 32,
                                seed: int = 0, fine_points: int = 80, progress: bool = False) -> dict:  # fmt: skip
     """The optimised ``steps``-step schedule of ``pipe`` (see the module docstring)."""
+    if steps < 1 or fine_points < steps + 1:  # before minutes of reference trajectories
+        raise InputError(f"need 1 <= --steps < --fine; got {steps} steps, {fine_points} fine points")
+    calibration = calibrate_pipeline(pipe, guidance, num_samples, seed, fine_points, progress)
+    return schedule_from_calibration(pipe, calibration, model_id, solver, steps)
+
+
+def calibrate_pipeline(pipe: Any, guidance: float = 1.0, num_samples: int = 32, seed: int = 0, fine_points: int = 80,
+                       progress: bool = False) -> dict:  # fmt: skip
+    """The step-count-independent part of the optimisation: the Karras fine grid of the model's sigma range and the
+    DDIM step costs on it for ``num_samples`` calibration noises (seeded by ``seed``; balanced class labels;
+    classifier-free guided at ``guidance``). One calibration serves every step count and solver."""
     from fastdiff.denoisers import CFGDenoiser, DiffusersDenoiser
     from fastdiff.samplers import karras_sigmas
-    from fastdiff.samplers.schedule_search import optimize_schedule
+    from fastdiff.samplers.schedule_search import calibration_costs
     from fastdiff.schedules import schedule_from_config
 
-    if num_samples < 1 or steps < 1 or fine_points < steps + 1:  # before minutes of reference trajectories
-        raise InputError(f"need --samples >= 1 and 1 <= --steps < --fine; got {num_samples} samples, {steps} steps, {fine_points} fine points")
+    if num_samples < 1 or fine_points < 2:
+        raise InputError(f"need --samples >= 1 and --fine >= 2; got {num_samples} samples, {fine_points} fine points")
     schedule = schedule_from_config(dict(pipe.scheduler.config))
-    den = DiffusersDenoiser.from_pipeline(pipe)
-    labels = torch.arange(num_samples) % pipe.num_classes
-    cond = {"class_labels": labels}
-    if guidance != 1.0:
-        den = CFGDenoiser(den, {"class_labels": torch.full_like(labels, pipe.num_classes)}, guidance)
     lo, hi = float(schedule.sigma_min), float(schedule.sigma_max)
     if not (0 < lo < hi < float("inf")):
         raise InputError(f"schedule optimisation needs a finite sigma range (VP and EDM models); {type(schedule).__name__} has {lo}..{hi}")
+    den = DiffusersDenoiser.from_pipeline(pipe)
+    labels = torch.arange(num_samples) % pipe.num_classes
+    if guidance != 1.0:
+        den = CFGDenoiser(den, {"class_labels": torch.full_like(labels, pipe.num_classes)}, guidance)
     fine = karras_sigmas(fine_points - 1, lo, hi).float()
     noise = torch.randn((num_samples, *pipe.image_shape), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    sigmas, record = optimize_schedule(den, noise * hi, fine, steps, cond, progress)
+    costs = calibration_costs(den, noise * hi, fine, {"class_labels": labels}, progress)
+    return {"fine": fine, "costs": costs, "guidance": guidance, "samples": num_samples, "seed": seed, "fine_points": fine_points,
+            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
+def schedule_from_calibration(pipe: Any, calibration: dict, model_id: str, solver: str, steps: int) -> dict:
+    """The schedule record (the module docstring's format) of the optimal ``steps``-step path of ``calibration``."""
+    from fastdiff.samplers.schedule_search import path_record
+    from fastdiff.schedules import schedule_from_config
+
+    sigmas, record = path_record(calibration["fine"], calibration["costs"], steps)
     levels = sigmas[:-1].double()
+    kept = ("samples", "seed", "fine_points", "seconds")
     return {
-        "model": model_id, "solver": solver, "nfe": steps, "guidance": guidance,
-        "timesteps": schedule.sigma_to_t(levels).tolist(), "sigmas": levels.tolist(),
-        "calibration": {"samples": num_samples, "seed": seed, "fine_points": fine_points, "cost": record["cost"],
-                        "seconds": round(time.perf_counter() - start, 2), "method": "DP over DDIM local errors (GITS)"},
+        "model": model_id, "solver": solver, "nfe": steps, "guidance": calibration["guidance"],
+        "timesteps": schedule_from_config(dict(pipe.scheduler.config)).sigma_to_t(levels).tolist(), "sigmas": levels.tolist(),
+        "calibration": {**{k: calibration[k] for k in kept}, "cost": record["cost"], "method": "DP over DDIM local errors (GITS)"},
     }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from fastdiff.errors import InputError
 from fastdiff.samplers._common import to_d
 from fastdiff.samplers.ode import heun_step
 
-__all__ = ["reference_trajectories", "step_costs", "optimal_path", "optimize_schedule"]
+__all__ = ["reference_trajectories", "step_costs", "optimal_path", "calibration_costs", "path_record", "optimize_schedule"]
 
 
 @torch.no_grad()
@@ -83,15 +83,26 @@ def optimal_path(costs: Tensor, steps: int) -> list[int]:
     return path[::-1]
 
 
+def calibration_costs(den: Callable, x: Tensor, fine: Tensor, cond: Mapping[str, Any] | None = None,
+                      progress: bool = False) -> Tensor:  # fmt: skip
+    """The step-cost matrix ``C`` of the calibration noise ``x`` (at ``fine[0]``): the part of the optimisation that
+    does not depend on the step count, so one calibration serves every ``n`` (:func:`optimal_path`)."""
+    if fine[-1] != 0 or not bool((fine[1:] < fine[:-1]).all()):
+        raise InputError("the fine grid must be strictly descending and end in 0")
+    states = reference_trajectories(den, x, fine, cond, progress=progress)
+    return step_costs(den, states, fine, cond, progress)
+
+
+def path_record(fine: Tensor, costs: Tensor, steps: int) -> tuple[Tensor, dict]:
+    """The optimal ``steps``-step sigmas on ``fine`` under ``costs`` and a record (the fine grid, the path, its cost)."""
+    path = optimal_path(costs, steps)
+    cost = float(sum(costs[a, b] for a, b in zip(path[:-1], path[1:])))
+    return fine[path], {"fine": fine.tolist(), "path": path, "cost": cost}
+
+
 def optimize_schedule(den: Callable, x: Tensor, fine: Tensor, steps: int, cond: Mapping[str, Any] | None = None,
                       progress: bool = False) -> tuple[Tensor, dict]:  # fmt: skip
     """The ``steps``-step sigma schedule (descending, ending in 0) for the calibration noise ``x`` (at ``fine[0]``),
     and a record of the optimisation (the fine grid, the path, its cost)."""
     fine = fine.to(x.device, x.dtype)
-    if fine[-1] != 0 or not bool((fine[1:] < fine[:-1]).all()):
-        raise InputError("the fine grid must be strictly descending and end in 0")
-    states = reference_trajectories(den, x, fine, cond, progress=progress)
-    costs = step_costs(den, states, fine, cond, progress)
-    path = optimal_path(costs, steps)
-    cost = float(sum(costs[a, b] for a, b in zip(path[:-1], path[1:])))
-    return fine[path], {"fine": fine.tolist(), "path": path, "cost": cost}
+    return path_record(fine, calibration_costs(den, x, fine, cond, progress), steps)
