@@ -339,6 +339,39 @@ def test_cells_resume_a_killed_run_and_refuse_to_overwrite_it(tmp_path):
     assert not path.exists()
 
 
+def test_shards_split_the_cells_and_resume_assembles_the_json(tmp_path, monkeypatch, capsys):
+    """`--shard I/K` processes on one partial file compute disjoint cells that together are all of them (a cell every
+    shard needs is computed by each), write no JSON; a `--resume` run then assembles the JSON without computing."""
+    import json
+
+    import fastdiff.bench as bench
+    from fastdiff.bench.common import machine
+    from fastdiff.cli import main
+
+    computed = []
+
+    def run(quick, progress, cells):
+        shared = cells("calibration", lambda: computed.append("calibration") or 7, every_shard=True)
+        return {"machine": machine(), "shared": shared, "rows": [cells(f"cell {i}", lambda i=i: computed.append(i) or i * shared) for i in range(12)]}
+
+    monkeypatch.setitem(bench.BENCHMARKS, "samplers", bench.Benchmark(run, lambda data: [], resumable=True))
+    common = ["bench", "samplers", "--out", str(tmp_path), "--report", str(tmp_path / "B.md"), "--readme", str(tmp_path / "R.md"), "--no-progress"]
+    per_shard = []
+    for shard in ("0/2", "1/2"):
+        computed.clear()
+        assert main([*common, "--shard", shard]) == 0 and not (tmp_path / "samplers.json").exists()
+        per_shard.append([c for c in computed if c != "calibration"])
+    assert sorted(per_shard[0] + per_shard[1]) == list(range(12)) and all(per_shard)  # disjoint, complete, both worked
+    assert computed == per_shard[1]  # the shared cell the first shard stored is read, not recomputed
+    computed.clear()
+    assert main([*common, "--resume"]) == 0 and computed == []
+    assert json.loads((tmp_path / "samplers.json").read_text())["rows"] == [i * 7 for i in range(12)]
+    assert not (tmp_path / "samplers.partial.jsonl").exists()
+    with pytest.raises(SystemExit) as bad:
+        main([*common, "--shard", "2/2"])
+    assert bad.value.code == 2 and "expected I/K with 0 <= I < K" in capsys.readouterr().err
+
+
 def test_bench_names_of_the_parser_are_the_registry():
     from fastdiff.bench import BENCHMARKS
     from fastdiff.cli.parser import BENCH_NAMES

@@ -111,21 +111,29 @@ def _update_readme(readme: Path, lines: list[str]) -> None:
 
 
 def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BENCH_DIR, report: Path = REPORT,
-              readme: Path | None = README, recipes: Path = RECIPES_DIR, resume: bool = False) -> Path:
+              readme: Path | None = README, recipes: Path = RECIPES_DIR, resume: bool = False,
+              shard: tuple[int, int] | None = None) -> Path | None:  # fmt: skip
     """Run benchmark ``name``, write its JSON into ``out_dir`` and, unless ``quick``, regenerate ``report`` and the
     benchmark section of ``readme`` from that folder. ``recipes``: where benchmarks that train find the recipes;
     ``resume``: a resumable benchmark continues from the cells its killed run left in ``out_dir/NAME.partial.jsonl``
-    (a benchmark that trains continues its runs from their checkpoints)."""
+    (a benchmark that trains continues its runs from their checkpoints). ``shard=(i, k)``: compute only shard ``i`` of
+    ``k`` of a resumable benchmark's cells into that file (run the ``k`` shards at once, then ``resume`` assembles the
+    JSON); returns ``None``, writing no JSON."""
     bench = BENCHMARKS[name]
     out_dir = Path(out_dir)
     stem = f"{name}{'-quick' if quick else ''}"
     options: dict = {"recipes": recipes} if bench.uses_recipes else {}
-    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume) if bench.resumable else None
+    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume or shard is not None, shard) if bench.resumable else None
     if cells is not None:
         options["cells"] = cells
-    elif resume:
-        raise InputError(f"`fastdiff bench {name}` cannot resume; resumable: {', '.join(n for n, b in BENCHMARKS.items() if b.resumable)}")
-    data = {**bench.run(quick=quick, progress=progress, **options), "fid_scored_as": FID_SCORED_AS}
+    elif resume or shard:
+        raise InputError(f"`fastdiff bench {name}` cannot resume or shard; resumable: {', '.join(n for n, b in BENCHMARKS.items() if b.resumable)}")
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise InputError(f"--shard I/K needs 0 <= I < K; got {shard[0]}/{shard[1]}")
+    data = bench.run(quick=quick, progress=progress, **options)
+    if shard is not None:  # the cells are in the partial file; the JSON is assembled by a --resume run
+        return None
+    data = {**data, "fid_scored_as": FID_SCORED_AS}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     atomic_write(path, json.dumps(data, indent=2) + "\n")

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,14 @@ class Cells:
     ``cells(key, compute)`` returns the value stored under ``key`` when resuming, else ``compute()`` (JSON-able),
     stored at once. ``path=None``: nothing is stored (a plain run). A file left by an interrupted run is never
     silently replaced: without ``resume`` it is refused, naming the file and the two ways on. :meth:`done` removes
-    it once the benchmark's JSON is written."""
+    it once the benchmark's JSON is written.
 
-    def __init__(self, path: Path | None, resume: bool = False):
-        self.path, self.resume, self.found = path, resume, {}
+    ``shard=(i, k)``: this process computes only the cells whose key hashes to ``i`` modulo ``k`` (the others return
+    ``None``), so ``k`` processes on one file split a benchmark; a plain ``--resume`` run then assembles the JSON.
+    A line is appended with one ``write`` on a file opened for appending, so concurrent shards do not interleave."""
+
+    def __init__(self, path: Path | None, resume: bool = False, shard: tuple[int, int] | None = None):
+        self.path, self.resume, self.found, self.shard = path, resume, {}, shard
         if path is None or not path.is_file():
             return
         if not resume:
@@ -93,9 +98,12 @@ class Cells:
                 continue
             self.found[record["key"]] = record["value"]
 
-    def __call__(self, key: str, compute: Callable[[], Any]) -> Any:
+    def __call__(self, key: str, compute: Callable[[], Any], every_shard: bool = False) -> Any:
+        """``every_shard``: a cell every shard needs (computed by each that lacks it) rather than one to split."""
         if key in self.found:
             return self.found[key]
+        if self.shard is not None and not every_shard and zlib.crc32(key.encode()) % self.shard[1] != self.shard[0]:
+            return None  # another shard's cell
         value = compute()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

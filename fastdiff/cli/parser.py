@@ -183,7 +183,17 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run: teachers, samplers, distill and distill-fashion-mnist keep each finished cell or training "
                         "checkpoint (in --out / runs/bench) and skip it when resumed")  # fmt: skip
+    p.add_argument("--shard", type=_shard, metavar="I/K",
+                   help="split a resumable benchmark over K processes: this one computes shard I (0-based) of the cells into "
+                        "--out's NAME.partial.jsonl and writes no JSON; once all K finish, run it with --resume to assemble")  # fmt: skip
     p.set_defaults(func=commands.cmd_bench)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, _, k = text.partition("/")
+    if not (i.isdigit() and k.isdigit() and int(i) < int(k)):
+        raise argparse.ArgumentTypeError(f"expected I/K with 0 <= I < K (e.g. 0/2), got {text!r}")
+    return int(i), int(k)
 
 
 def _add_schedule(sub: Subparsers) -> None:
