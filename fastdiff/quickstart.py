@@ -35,6 +35,7 @@ QUICKSTART_SCHEDULERS = ("ddim", "dpmpp-2m", "unipc", "ghvb-1.8")
 QUICKSTART_CACHE = "every:4:taylor"
 SHIPPED = "shipped"  # QuickstartConfig.student: the student shipped for the teacher (assets/students/NAME), if any
 TEACHER_ROW = "teacher: ddim (diffusers)"
+OPTIMISED_SUFFIX = " + optimised schedule (fastdiff)"
 GRID = 100  # images per panel of grid.png (a 10 x 10 class grid)
 
 
@@ -47,6 +48,7 @@ class QuickstartConfig:
     cache: str | None = QUICKSTART_CACHE  # the teacher's reference run again with this feature cache (None: skip)
     student: str | None = SHIPPED  # a student pipeline folder; SHIPPED: the one shipped for the teacher, if any; None: none
     student_steps: tuple[int, ...] = (1, 2, 4)
+    optimised: bool = True  # fastdiff's solvers again on the optimised schedules shipped next to the teacher, where any match
     guidance_scale: float = 1.0
     num_samples: int = 250
     seed: int = 0
@@ -73,14 +75,15 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     reference = source_features(load_source(f"{cfg.teacher}:test", 1), extractor, progress=progress)
     base_config = dict(pipe.scheduler.config)
     source = {name: "fastdiff" if name in FASTDIFF_SCHEDULERS else "diffusers" for name in cfg.schedulers}
-    runs = [(f"{name} ({source[name]})", name, steps) for name in cfg.schedulers for steps in cfg.steps]
-    runs.append((TEACHER_ROW, "ddim", cfg.reference_steps))
+    runs = [(f"{name} ({source[name]})", name, steps, None) for name in cfg.schedulers for steps in cfg.steps]
+    runs += _optimised_runs(cfg, source)
+    runs.append((TEACHER_ROW, "ddim", cfg.reference_steps, None))
     if cfg.cache:
-        runs.append((f"teacher: ddim + cache {cfg.cache} (fastdiff)", "ddim", cfg.reference_steps))
+        runs.append((f"teacher: ddim + cache {cfg.cache} (fastdiff)", "ddim", cfg.reference_steps, None))
     if student is not None:
-        runs += [(f"student: {student_name} (fastdiff)", None, steps) for steps in cfg.student_steps]
+        runs += [(f"student: {student_name} (fastdiff)", None, steps, None) for steps in cfg.student_steps]
     rows, shown = [], {}
-    for label, name, steps in tqdm(runs, desc="quickstart", disable=not progress):
+    for label, name, steps, schedule in tqdm(runs, desc="quickstart", disable=not progress):
         model = student if name is None else pipe
         if name is not None:
             pipe.scheduler = make_scheduler(name, base_config)
@@ -88,7 +91,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
             apply_cache_spec(cached_model(pipe), cfg.cache)
         start = time.perf_counter()
         guidance = cfg.guidance_scale if name is not None else 1.0  # a student samples as it was distilled
-        samples = sample_pipeline(model, cfg.num_samples, steps, guidance, cfg.seed)
+        samples = sample_pipeline(model, cfg.num_samples, steps, guidance, cfg.seed, schedule=schedule)
         seconds = time.perf_counter() - start
         remove_cache(cached_model(pipe))
         rows.append({
@@ -100,15 +103,44 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict:
     for r in rows:
         if r["sampler"].startswith(("student", "teacher: ddim + cache")):
             r["speedup"] = round(teacher_row["seconds"] / r["seconds"], 2)
+        if r["sampler"].endswith(OPTIMISED_SUFFIX):  # the gain over the same solver on its default schedule
+            name = r["sampler"].removesuffix(OPTIMISED_SUFFIX)
+            base = next(d for d in rows if d["sampler"] == f"{name} ({source[name]})" and d["steps"] == r["steps"])
+            r["fid_gain"] = round(base["fid"] / r["fid"], 2)
     save_panels(_grid_panels(rows, shown, cfg), out / "grid.png")
     record = {
         "teacher": cfg.teacher, "extractor": extractor.name, "reference": f"{cfg.teacher}:test ({reference.n} images)",
         "student": student_name and str(cfg.student if cfg.student != SHIPPED else student_path(cfg.teacher)),
         "num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "rows": rows,
+        "optimised_schedules": _optimised_note(cfg, runs),
     }  # fmt: skip
     (out / "quickstart.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", f"{cfg.teacher} teacher, guidance {cfg.guidance_scale:g}, {cfg.num_samples} samples")
     return record
+
+
+def _optimised_runs(cfg: QuickstartConfig, source: dict[str, str]) -> list[tuple]:
+    """fastdiff's solvers of ``cfg`` on the optimised schedule shipped for the teacher, solver, steps and guidance."""
+    from fastdiff.eval.assets import shipped_schedule
+
+    if not cfg.optimised:
+        return []
+    runs = []
+    for name in (n for n in cfg.schedulers if source[n] == "fastdiff"):
+        for steps in cfg.steps:
+            schedule = shipped_schedule(cfg.teacher, name, steps, cfg.guidance_scale)
+            if schedule is not None:
+                runs.append((f"{name}{OPTIMISED_SUFFIX}", name, steps, schedule))
+    return runs
+
+
+def _optimised_note(cfg: QuickstartConfig, runs: list[tuple]) -> str:
+    used = sorted({(r[1], r[2]) for r in runs if r[3] is not None})
+    if used:
+        return "shipped for " + ", ".join(f"{name} at {steps} steps" for name, steps in used) + f" (guidance {cfg.guidance_scale:g})"
+    return (f"none ships for the {cfg.teacher} teacher at these steps and guidance {cfg.guidance_scale:g}; make one with "
+            f"`fastdiff schedule optimize {cfg.teacher} --scheduler S --steps N --guidance W --out F` and sample with "
+            "`fastdiff sample --schedule F`")
 
 
 def _load_student(cfg: QuickstartConfig, teacher):

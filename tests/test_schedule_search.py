@@ -75,6 +75,11 @@ def test_schedule_file_round_trip_and_refusals(tmp_path, capsys, monkeypatch):
     optimize = ["schedule", "optimize", "digits", "--scheduler", "ghvb-1.8", "--samples", "4", "--fine", "12", "--no-progress"]
     assert main([*optimize, "--steps", "3", "--out", str(out)]) == 2 and out.read_text() == before  # never overwritten
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*optimize, "--steps", "2", "3", "--out", str(tmp_path / "m-{steps}.json")]) == 0  # one calibration, two files
+    made = [json.loads((tmp_path / f"m-{n}.json").read_text()) for n in (2, 3)]
+    assert [(r["nfe"], len(r["sigmas"])) for r in made] == [(2, 2), (3, 3)] and made[0]["calibration"]["seconds"] == made[1]["calibration"]["seconds"]
+    assert main([*optimize, "--steps", "2", "3", "--out", str(tmp_path / "plain.json")]) == 2
+    assert "need {steps} in --out" in capsys.readouterr().err and not (tmp_path / "plain.json").exists()
     import fastdiff.samplers.schedule_search as search
 
     monkeypatch.setattr(search, "reference_trajectories", lambda *a, **k: pytest.fail("bad --steps must fail before any work"))

@@ -115,6 +115,67 @@ def test_quickstart_student_rows_and_panels(tmp_path, monkeypatch):
     assert torch.equal(panels[2][1], again[:100])  # the student's one-step samples, same seeds
 
 
+def _teacher_with_schedule(tmp_path, monkeypatch, steps: int, guidance: float) -> dict:
+    """A copy of the digits teacher whose schedules/ holds an optimised ``steps``-step ghvb-1.8 schedule, as
+    `fastdiff schedule optimize` writes it; the shipped assets point at the copy."""
+    import shutil
+
+    import fastdiff.eval.assets as assets
+    from fastdiff.pipelines.schedule_files import optimize_pipeline_schedule, write_schedule
+
+    root = tmp_path / "assets"
+    shutil.copytree(ASSETS / "teachers" / "digits", root / "teachers" / "digits")
+    monkeypatch.setattr(assets, "ASSETS", root)
+    record = optimize_pipeline_schedule(load_pipeline(root / "teachers" / "digits"), "digits", "ghvb-1.8", steps, guidance,
+                                        num_samples=4, seed=1, fine_points=12)  # fmt: skip
+    write_schedule(record, root / "teachers" / "digits" / "schedules" / f"ghvb-1.8-{steps}nfe-w{guidance:g}.json")
+    return record
+
+
+def test_quickstart_shows_the_solver_on_its_shipped_optimised_schedule(tmp_path, monkeypatch):
+    """Where a schedule ships for the teacher, solver, steps and guidance, the quickstart runs the solver on it next to
+    its default schedule, with the FID gain; the row's samples are the solver's on the file's sigmas, same seeds."""
+    record = _teacher_with_schedule(tmp_path, monkeypatch, 3, 1.0)
+    cfg = QuickstartConfig(teacher="digits", schedulers=("ddim", "ghvb-1.8"), steps=(2, 3), reference_steps=4, cache=None,
+                           student=None, num_samples=16, out=str(tmp_path / "q"))  # fmt: skip
+    result = run_quickstart(cfg, progress=False)
+    rows = {(r["sampler"], r["steps"]): r for r in result["rows"]}
+    optimised = rows["ghvb-1.8 + optimised schedule (fastdiff)", 3]
+    assert [k for k in rows if "optimised" in k[0]] == [("ghvb-1.8 + optimised schedule (fastdiff)", 3)]  # no file for 2 steps
+    assert optimised["fid_gain"] == round(rows["ghvb-1.8 (fastdiff)", 3]["fid"] / optimised["fid"], 2)
+    assert optimised["fid"] != rows["ghvb-1.8 (fastdiff)", 3]["fid"] and "ghvb-1.8 at 3 steps" in result["optimised_schedules"]
+    pipe = load_pipeline(ASSETS / "teachers" / "digits")
+    pipe.scheduler = make_scheduler("ghvb-1.8", pipe.scheduler.config)
+    again = sample_pipeline(pipe, 16, 3, 1.0, cfg.seed, schedule=record)
+    assert pipe.scheduler.sigmas[:-1].tolist() == pytest.approx(record["sigmas"], rel=1e-6)
+    reference = source_features(load_source("digits:test", 1), load_extractor("digits"))
+    assert optimised["fid"] == pytest.approx(fid_of_samples(again.images, load_extractor("digits"), reference), rel=1e-9)
+    cfg.optimised, cfg.steps = False, (3,)
+    assert not [r for r in run_quickstart(cfg, progress=False)["rows"] if "optimised" in r["sampler"]]
+
+
+def test_shipped_schedule_is_refused_for_another_guidance(tmp_path, monkeypatch):
+    from fastdiff.eval.assets import shipped_schedule
+
+    _teacher_with_schedule(tmp_path, monkeypatch, 2, 1.0)
+    path = tmp_path / "assets" / "teachers" / "digits" / "schedules" / "ghvb-1.8-2nfe-w1.json"
+    assert shipped_schedule("digits", "ghvb-1.8", 2, 1.0)["nfe"] == 2 and shipped_schedule("digits", "ghvb-1.8", 3, 1.0) is None
+    path.rename(path.with_name("ghvb-1.8-2nfe-w3.json"))
+    with pytest.raises(InputError, match="optimised for guidance 1.0, not 3"):
+        shipped_schedule("digits", "ghvb-1.8", 2, 3.0)
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_fashion_mnist_ships_the_quickstarts_optimised_schedules(steps):
+    """The quickstart's default steps each have a shipped optimised schedule for its fastdiff solver at guidance 1."""
+    from fastdiff.eval.assets import shipped_schedule
+    from fastdiff.quickstart import QuickstartConfig as Config
+
+    assert steps in Config().steps
+    record = shipped_schedule("fashion-mnist", "ghvb-1.8", steps, 1.0)
+    assert record is not None and len(record["sigmas"]) == steps and record["sigmas"] == sorted(record["sigmas"], reverse=True)
+
+
 def test_quickstart_refuses_a_student_of_another_teacher_before_sampling(tmp_path, monkeypatch):
     import fastdiff.pipelines.sampling
 

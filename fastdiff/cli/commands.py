@@ -171,7 +171,7 @@ def quickstart_config(args: argparse.Namespace):
     from fastdiff.quickstart import QuickstartConfig
 
     cfg = QuickstartConfig(teacher=args.teacher, num_samples=args.num_samples, guidance_scale=args.guidance,
-                           seed=args.seed, out=args.out)  # fmt: skip
+                           seed=args.seed, out=args.out, optimised=not args.no_optimised_schedules)  # fmt: skip
     if args.steps:
         cfg.steps = tuple(_int_list(args.steps, "--steps"))
     if args.cache:
@@ -189,7 +189,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     record = run_quickstart(cfg, progress=not args.no_progress)
     print(f"\n{cfg.teacher} teacher, domain FID vs {record['reference']}, {cfg.num_samples} samples, "
           f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}")
-    _print_table(record["rows"], ["sampler", "steps", "nfe", "fid", "seconds", "speedup"])
+    _print_table(record["rows"], ["sampler", "steps", "nfe", "fid", "seconds", "speedup", "fid_gain"])
+    print(f"optimised schedules: {record['optimised_schedules']}")
     print(f"wrote {cfg.out}/quickstart.json, {cfg.out}/fid_vs_nfe.png, {cfg.out}/grid.png")
 
 
@@ -216,21 +217,30 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_schedule_optimize(args: argparse.Namespace) -> None:
-    """Optimise a schedule for a pipeline, solver, step count and guidance; write it as JSON."""
+    """Optimise the schedules of a pipeline, solver and guidance for one or more step counts (one calibration serves
+    them all); write each as JSON."""
     from fastdiff.eval.assets import pipeline_path
     from fastdiff.pipelines.class_conditional import load_pipeline
     from fastdiff.pipelines.sampling import make_scheduler
-    from fastdiff.pipelines.schedule_files import optimize_pipeline_schedule, write_schedule
+    from fastdiff.pipelines.schedule_files import calibrate_pipeline, check_steps, schedule_from_calibration, write_schedule
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise InputError(f"{args.out} already exists; pass --overwrite or another --out")
+    steps = list(dict.fromkeys(args.steps))
+    if len(steps) > 1 and "{steps}" not in args.out:
+        raise InputError(f"several --steps ({', '.join(map(str, steps))}) need {{steps}} in --out, e.g. schedule-{{steps}}.json; got {args.out}")
+    outs = {n: Path(args.out.replace("{steps}", str(n))) for n in steps}
+    existing = [str(p) for p in outs.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{', '.join(existing)} already exists; pass --overwrite or another --out")
+    check_steps(steps, args.fine)
     pipe = load_pipeline(pipeline_path(args.pipeline))
     pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
-    record = optimize_pipeline_schedule(pipe, args.pipeline, args.scheduler, args.steps, args.guidance, args.samples, args.seed, args.fine,
-                                        progress=not args.no_progress)  # fmt: skip
-    path = write_schedule(record, args.out)
-    print(f"wrote {path}: {args.steps} steps for {args.scheduler} on {args.pipeline} (guidance {args.guidance:g}), "
-          f"sigmas {', '.join(f'{s:.4g}' for s in record['sigmas'])}; {record['calibration']['seconds']:.1f} s")  # fmt: skip
+    calibration = calibrate_pipeline(pipe, args.guidance, args.samples, args.seed, args.fine, progress=not args.no_progress)
+    for n, out in outs.items():
+        record = schedule_from_calibration(pipe, calibration, args.pipeline, args.scheduler, n)
+        path = write_schedule(record, out)
+        print(f"wrote {path}: {n} steps for {args.scheduler} on {args.pipeline} (guidance {args.guidance:g}), "
+              f"sigmas {', '.join(f'{s:.4g}' for s in record['sigmas'])}")  # fmt: skip
+    print(f"calibration: {calibration['samples']} samples on {calibration['fine_points']} fine points, {calibration['seconds']:.1f} s")
 
 
 def cmd_data(args: argparse.Namespace) -> None:

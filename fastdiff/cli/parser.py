@@ -157,6 +157,8 @@ def _add_quickstart(sub: Subparsers) -> None:
                    "(default: the benchmark's best)")
     p.add_argument("--student", metavar="PATH", help="a distilled student's pipeline folder for the student rows, or none "
                    "(default: the student shipped with the teacher, if any)")
+    p.add_argument("--no-optimised-schedules", action="store_true",
+                   help="skip the rows of fastdiff's solvers on the optimised schedules shipped next to the teacher")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.cmd_quickstart)
 
@@ -210,12 +212,15 @@ def _add_schedule(sub: Subparsers) -> None:
     opt = actions.add_parser("optimize", help="the schedule that minimises the error against reference trajectories (GITS-style DP)")
     opt.add_argument("pipeline", help="a pipeline folder or a shipped teacher's name (digits, fashion-mnist)")
     opt.add_argument("--scheduler", choices=sorted(SCHEDULERS), required=True, help="the solver the schedule is for")
-    opt.add_argument("--steps", type=int, required=True, help="number of steps (model evaluations for one-evaluation solvers)")
+    opt.add_argument("--steps", type=int, nargs="+", required=True,
+                     help="number of steps (model evaluations for one-evaluation solvers); several share one calibration "
+                          "and need {steps} in --out")  # fmt: skip
     opt.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (default 1)")
     opt.add_argument("--samples", type=int, default=32, help="calibration samples (default %(default)s)")
     opt.add_argument("--fine", type=int, default=80, help="points of the fine candidate grid (default %(default)s)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (default 0)")
-    opt.add_argument("--out", required=True, metavar="JSON", help="where to write the schedule")
+    opt.add_argument("--out", required=True, metavar="JSON",
+                     help="where to write the schedule; {steps} in it is replaced by the step count (e.g. s-{steps}.json)")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     opt.set_defaults(func=commands.cmd_schedule_optimize)

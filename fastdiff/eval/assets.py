@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastdiff.errors import InputError
 
-__all__ = ["ASSETS", "TEACHERS", "teacher_path", "teacher_dataset", "student_path", "pipeline_path"]
+__all__ = ["ASSETS", "TEACHERS", "teacher_path", "teacher_dataset", "student_path", "shipped_schedule", "pipeline_path"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # shipped teacher -> the data set it models (its test split and domain extractor); fashion-mnist-dit is the earlier
@@ -42,6 +42,22 @@ def student_path(teacher: str) -> Path | None:
     teacher_path(teacher)  # an unknown name is refused the same way
     path = ASSETS / "students" / teacher
     return path if (path / "model_index.json").is_file() else None
+
+
+def shipped_schedule(teacher: str, solver: str, steps: int, guidance: float) -> dict | None:
+    """The optimised schedule shipped for a shipped teacher, solver, step count and guidance
+    (``assets/teachers/NAME/schedules/SOLVER-STEPSnfe-wGUIDANCE.json``, made by `fastdiff schedule optimize`), or
+    ``None`` where none ships."""
+    from fastdiff.pipelines.schedule_files import check_schedule, read_schedule
+
+    path = teacher_path(teacher) / "schedules" / f"{solver}-{steps}nfe-w{guidance:g}.json"
+    if not path.is_file():
+        return None
+    record = read_schedule(path)
+    check_schedule(record, teacher, solver, steps, where=str(path))
+    if record.get("guidance") != guidance:
+        raise InputError(f"{path} was optimised for guidance {record.get('guidance')}, not {guidance:g}; rename or remake it")
+    return record
 
 
 def pipeline_path(name_or_path: str | Path) -> Path:

@@ -22,16 +22,21 @@ import torch
 
 from fastdiff.errors import InputError
 
-__all__ = ["optimize_pipeline_schedule", "calibrate_pipeline", "schedule_from_calibration", "write_schedule", "read_schedule", "check_schedule"]
+__all__ = ["optimize_pipeline_schedule", "check_steps", "calibrate_pipeline", "schedule_from_calibration", "write_schedule", "read_schedule", "check_schedule"]
 
 
 def optimize_pipeline_schedule(pipe: Any, model_id: str, solver: str, steps: int, guidance: float = 1.0, num_samples: int = 32,
                                seed: int = 0, fine_points: int = 80, progress: bool = False) -> dict:  # fmt: skip
     """The optimised ``steps``-step schedule of ``pipe`` (see the module docstring)."""
-    if steps < 1 or fine_points < steps + 1:  # before minutes of reference trajectories
-        raise InputError(f"need 1 <= --steps < --fine; got {steps} steps, {fine_points} fine points")
+    check_steps([steps], fine_points)
     calibration = calibrate_pipeline(pipe, guidance, num_samples, seed, fine_points, progress)
     return schedule_from_calibration(pipe, calibration, model_id, solver, steps)
+
+
+def check_steps(steps: list[int], fine_points: int) -> None:
+    """Refuse step counts the fine grid cannot hold -- before minutes of reference trajectories."""
+    if not steps or min(steps) < 1 or fine_points < max(steps) + 1:
+        raise InputError(f"need 1 <= --steps < --fine; got {', '.join(map(str, steps))} steps, {fine_points} fine points")
 
 
 def calibrate_pipeline(pipe: Any, guidance: float = 1.0, num_samples: int = 32, seed: int = 0, fine_points: int = 80,
