@@ -436,3 +436,44 @@ def test_quick_distill_makes_reflow_pairs_inside_its_temporary_folder(tmp_path, 
         distill._train(path, [f"output_dir={tmp_path / 'run'}"], True, False, Cells(None), 8)
     r = caught.value.args[0].reflow
     assert (r.num_pairs, r.pair_steps, Path(r.pairs)) == (64, 2, tmp_path / "run" / "pairs")
+
+
+def test_distill_trainings_are_cells_split_by_shards_and_kept_without_their_folders(tmp_path, monkeypatch):
+    """Each training and the rows it serves is one cell: two shards train disjoint trainings (a row that samples
+    another row's training goes with it), and a resumed run assembles every row without training or scoring again --
+    also after the training folders are gone (a new session's checkout has no runs/)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import fastdiff.pipelines.class_conditional as cc
+    from fastdiff.bench import distill
+    from fastdiff.bench.common import Cells
+    from fastdiff.eval.assets import teacher_path
+
+    recipes = {"A": ("recipes/cd_digits.yaml", ()), "A sampled otherwise": ("recipes/cd_digits.yaml", (), {"gamma": 1.0}),
+               "B": ("recipes/ict_digits.yaml", ()), "C": ("recipes/ict_digits.yaml", ("trainer.steps=7",)),
+               "D": ("recipes/ict_digits.yaml", ("trainer.steps=8",))}  # fmt: skip
+    monkeypatch.setitem(distill.DISTILL_SETS, "digits", distill.DistillSet(recipes, 360, (1, 2), tmp_path / "runs"))
+    trained = []
+
+    def fake_train(path, overrides, quick, progress, cells, n):
+        trained.append(next(o for o in overrides if o.startswith("output_dir=")))
+        return SimpleNamespace(eval=SimpleNamespace(steps=[1, 2]), trainer=SimpleNamespace(steps=6, batch_size=32)), 1.5
+
+    real_load = cc.load_pipeline
+    monkeypatch.setattr(distill, "_train", fake_train)
+    monkeypatch.setattr(distill, "_sampling_scheduler", lambda scheduler, sampling: scheduler)
+    monkeypatch.setattr(cc, "load_pipeline", lambda path: real_load(teacher_path("digits")))
+    monkeypatch.setattr(distill, "_student_samples", lambda recipe, pipe, n, k, s: torch.rand((n, 1, 8, 8), generator=torch.Generator().manual_seed(k + 10 * s)) * 2 - 1)
+    path, per_shard = tmp_path / "distill.partial.jsonl", []
+    for i in range(2):
+        trained.clear()
+        distill._bench_set("digits", True, False, Path(__file__).resolve().parent.parent / "recipes", Cells(path, shard=(i, 2)))
+        per_shard.append(sorted(trained))
+    assert sorted(Path(o.split("=", 1)[1]).name for o in per_shard[0] + per_shard[1]) == ["a", "b", "c", "d"] and all(per_shard)
+    monkeypatch.setattr(distill, "_train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(distill, "_student_samples", lambda *a, **k: pytest.fail("scored again"))
+    result = distill._bench_set("digits", True, False, Path(__file__).resolve().parent.parent / "recipes", Cells(path, resume=True))
+    assert [(r["objective"], r["training_of"]) for r in result["rows"]] == [("A", "A"), ("A sampled otherwise", "A"), ("B", "B"), ("C", "C"), ("D", "D")]
+    assert all(set(r["fid"]) == {"1", "2"} and r["wall_minutes"] == 1.5 for r in result["rows"])

@@ -123,7 +123,7 @@ def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BEN
     out_dir = Path(out_dir)
     stem = f"{name}{'-quick' if quick else ''}"
     options: dict = {"recipes": recipes} if bench.uses_recipes else {}
-    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume or shard is not None, shard) if bench.resumable else None
+    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume, shard) if bench.resumable else None
     if cells is not None:
         options["cells"] = cells
     elif resume or shard:

@@ -85,10 +85,10 @@ class Cells:
     A line is appended with one ``write`` on a file opened for appending, so concurrent shards do not interleave."""
 
     def __init__(self, path: Path | None, resume: bool = False, shard: tuple[int, int] | None = None):
-        self.path, self.resume, self.found, self.shard = path, resume, {}, shard
+        self.path, self.resume, self.found, self.shard = path, resume or shard is not None, {}, shard  # shards share the file
         if path is None or not path.is_file():
             return
-        if not resume:
+        if not self.resume:
             raise InputError(f"{path} holds the finished cells of an interrupted run; pass --resume to continue it, "
                              "or delete the file to start over")  # fmt: skip
         for line in path.read_text().splitlines():

@@ -5,7 +5,8 @@ with the domain FID of 1-, 2- (and 4-) step samples (several seeds), next to the
 fastdiff ODE sampler on the teacher at the same NFE, with the wall-clock minutes each training took on this
 machine. Trainings go to ``runs/bench/distill-<data set>/<row label as a slug>`` (relative to the current directory)
 and ``--resume`` continues them from their checkpoints (or takes a finished student of the same recipe) after a
-kill, and keeps the FIDs already scored. On digits, also the trainer's
+kill, and keeps the FIDs already scored; each training's rows are one cell of ``--resume`` (kept once scored, even where
+the training's folder is gone) and of ``--shard`` (the trainings split over processes). On digits, also the trainer's
 overhead: steps/s of :func:`fastdiff.training.trainer.train` against a plain PyTorch loop doing the same computation
 (same objective, batches, optimiser, clipping, EMA), measured alternately in the same process.
 """
@@ -102,17 +103,22 @@ def run_folder(label: str) -> str:
 
 
 def _fid_seeds(sample, extractor, reference, seeds, cells, key) -> dict:
+    """The FID over ``seeds`` (mean and spread), each seed's kept as a cell (a shard computes all of its own)."""
     from fastdiff.bench.common import mean_std as _mean_std
     from fastdiff.eval.metrics import fid_of_samples
 
-    return _mean_std([cells(f"{key} seed={seed}", lambda seed=seed: fid_of_samples(sample(seed), extractor, reference)) for seed in seeds])
+    return _mean_std([cells(f"{key} seed={seed}", lambda seed=seed: fid_of_samples(sample(seed), extractor, reference), every_shard=True)
+                      for seed in seeds])  # fmt: skip
 
 
 def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None) -> dict:
     """``fastdiff bench distill``: the digits students (:data:`DISTILL_RECIPES`, read from the folder ``recipes``) and
     the trainer's overhead; the JSON record. ``cells``' resume flag continues killed trainings and keeps finished FIDs."""
+    from fastdiff.bench.common import Cells
+
     result = _bench_set("digits", quick, progress, recipes, cells)
-    result["trainer_overhead"] = trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes)
+    result["trainer_overhead"] = (cells or Cells(None))(
+        f"trainer overhead quick={quick}", lambda: trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes))
     return result
 
 
@@ -142,33 +148,52 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
     base = dict(teacher.scheduler.config)
 
     def teacher_fid(sampler, overrides, k):
-        teacher.scheduler = make_scheduler(sampler, base, **overrides)
-        return _fid_seeds(lambda s: sample_pipeline(teacher, n, k, 1.0, s).images, extractor, reference, seeds, cells,
-                          f"n={n} teacher {sampler} {sorted(overrides.items())} nfe={k}")  # fmt: skip
+        def compute():
+            teacher.scheduler = make_scheduler(sampler, base, **overrides)
+            return _fid_seeds(lambda s: sample_pipeline(teacher, n, k, 1.0, s).images, extractor, reference, seeds, cells, key)
+
+        key = f"n={n} teacher {sampler} {sorted(overrides.items())} nfe={k}"
+        return cells(f"{key} seeds={list(seeds)}", compute)
 
     result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": n, "seeds": list(seeds), "student_steps": list(steps),
               "teacher_50nfe": teacher_fid("ddim", {}, 50)}  # fmt: skip
     result["teacher_samplers"] = {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}
     runs = spec.runs if not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
-    rows, trained = [], {}
-    for label, (path, switches, *rest) in spec.recipes.items():
-        sampling = rest[0] if rest else {}
-        if (path, switches) not in trained:  # one training per recipe and overrides, in the first row's folder
-            out = runs / run_folder(label)
-            trained[path, switches] = (*_train(paths[label], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n), out, label)
-        recipe, minutes, out, first = trained[path, switches]
-        pipe = load_pipeline(out / "student")
-        if sampling:
-            pipe.scheduler = _sampling_scheduler(pipe.scheduler, sampling)
-        fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
-                                   f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
-        rows.append({"objective": label, "recipe": path, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
-                     "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student"),
-                     "training_of": first})  # fmt: skip
+
+    def score(first, group):  # train once (in the first row's folder), score every row that samples that training
+        path, switches = group[0][1], group[0][2]
+        out = runs / run_folder(first)
+        recipe, minutes = _train(paths[first], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n)
+        rows = []
+        for label, _, _, sampling in group:
+            pipe = load_pipeline(out / "student")
+            if sampling:
+                pipe.scheduler = _sampling_scheduler(pipe.scheduler, sampling)
+            fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
+                                       f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
+            rows.append({"objective": label, "recipe": path, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
+                         "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student"),
+                         "training_of": first})  # fmt: skip
+        return rows
+
+    # one cell per training and the rows it serves: a finished training's rows are kept even where its folder is gone,
+    # and --shard splits the trainings
+    rows = []
+    for first, group in _trainings(spec.recipes).items():
+        rows += cells(f"n={n} seeds={list(seeds)} rows of {first}", lambda first=first, group=group: score(first, group)) or []
     if quick:
         shutil.rmtree(runs, ignore_errors=True)
     result["rows"] = rows
     return result
+
+
+def _trainings(recipes: dict[str, tuple]) -> dict[str, list[tuple]]:
+    """The rows grouped by training (recipe and overrides), under the first row's label: (label, recipe, overrides,
+    sampling) each, in the table's order."""
+    groups: dict[tuple, list[tuple]] = {}
+    for label, (path, switches, *rest) in recipes.items():
+        groups.setdefault((path, switches), []).append((label, path, switches, rest[0] if rest else {}))
+    return {group[0][0]: group for group in groups.values()}
 
 
 def _sampling_scheduler(scheduler: Any, sampling: dict) -> Any:
