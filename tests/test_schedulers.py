@@ -70,6 +70,17 @@ def test_scheduler_equals_functional_sampler(cls, fn, prediction):
     assert len(scheduler.timesteps) == 10 + {PLMSScheduler: 1, SPNDMScheduler: 1, FPNDMScheduler: 9}.get(cls, 0)
 
 
+def test_variable_step_ipndm_scheduler_equals_its_sampler_and_reloads(tmp_path):
+    scheduler = IPNDMScheduler.from_config(_vp_config(timestep_spacing="trailing"), solver="ipndm-v")
+    scheduler.set_timesteps(10)
+    x_t = torch.randn(8, 2, dtype=torch.float64) * scheduler.init_noise_sigma
+    ours = S.sample_ipndm_v(GMM, x_t / scheduler.schedule.scale(scheduler.grid[0]), scheduler.grid)
+    torch.testing.assert_close(_run(scheduler, x_t), ours, atol=1e-10, rtol=0)
+    assert (_run(IPNDMScheduler.from_config(scheduler.config, solver="ipndm"), x_t) - ours).abs().max() > 1e-4  # not iPNDM
+    scheduler.save_config(tmp_path)
+    assert IPNDMScheduler.from_pretrained(tmp_path).config.solver == "ipndm-v"
+
+
 @pytest.mark.parametrize("skip_prk", [True, False])
 def test_pndm_schedulers_match_diffusers_pndm(skip_prk):
     """Same timesteps as diffusers' PNDMScheduler (PLMS: the repeated second timestep is the pseudo improved Euler's

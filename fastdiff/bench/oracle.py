@@ -10,7 +10,7 @@ __all__ = ["THEORY_ORDER", "bench_samplers_oracle", "render_samplers_oracle"]
 
 
 # Global order of each sampler on a uniform sigma grid, where fixed multistep coefficients are exact (see the report).
-THEORY_ORDER = {"euler": 1, "heun": 2, "dpmpp-2m": 2, "plms": 4, "s-pndm": 2, "f-pndm": 4, "ipndm": 4, "hb-plms": 1,
+THEORY_ORDER = {"euler": 1, "heun": 2, "dpmpp-2m": 2, "plms": 4, "s-pndm": 2, "f-pndm": 4, "ipndm": 4, "ipndm-v": 4, "hb-plms": 1,
                 "ghvb": 4, "hb-dpmpp-2m": 1}  # fmt: skip
 
 

@@ -55,11 +55,12 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "unipc-hb": _fastdiff("UniPCHeavyBallScheduler"),
     "hb-dpmpp-2m": _fastdiff("HeavyBallDPMSolverScheduler"),
     "ipndm": _fastdiff("IPNDMScheduler"),
+    "ipndm-v": _fastdiff("IPNDMScheduler", solver="ipndm-v"),  # variable-step weights: order 4 on any grid
     "plms": _fastdiff("PLMSScheduler"),
     "s-pndm": _fastdiff("SPNDMScheduler"),
     "f-pndm": _fastdiff("FPNDMScheduler"),
 }
-FASTDIFF_SCHEDULERS = ("ghvb", "ghvb-1.8", "hb-plms", "nt-plms", "hb-dpmpp-2m", "unipc-hb", "ipndm", "plms", "s-pndm", "f-pndm")
+FASTDIFF_SCHEDULERS = ("ghvb", "ghvb-1.8", "hb-plms", "nt-plms", "hb-dpmpp-2m", "unipc-hb", "ipndm", "ipndm-v", "plms", "s-pndm", "f-pndm")
 
 
 def make_scheduler(name: str, config: dict, **overrides: Any) -> Any:

@@ -69,7 +69,7 @@ def calibrate_pipeline(pipe: Any, guidance: float = 1.0, num_samples: int = 32, 
 
 def schedule_from_calibration(pipe: Any, calibration: dict, model_id: str, solver: str, steps: int) -> dict:
     """The schedule record (the module docstring's format) of the optimal ``steps``-step path of ``calibration``."""
-    from fastdiff.samplers.schedule_search import path_record
+    from fastdiff.samplers.schedule_search import METHOD, path_record
     from fastdiff.schedules import schedule_from_config
 
     sigmas, record = path_record(calibration["fine"], calibration["costs"], steps)
@@ -78,7 +78,7 @@ def schedule_from_calibration(pipe: Any, calibration: dict, model_id: str, solve
     return {
         "model": model_id, "solver": solver, "nfe": steps, "guidance": calibration["guidance"],
         "timesteps": schedule_from_config(dict(pipe.scheduler.config)).sigma_to_t(levels).tolist(), "sigmas": levels.tolist(),
-        "calibration": {**{k: calibration[k] for k in kept}, "cost": record["cost"], "method": "DP over DDIM local errors (GITS)"},
+        "calibration": {**{k: calibration[k] for k in kept}, "cost": record["cost"], "method": METHOD},
     }  # fmt: skip
 
 

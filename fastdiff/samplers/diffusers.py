@@ -35,7 +35,7 @@ from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target, reu
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
 from fastdiff.samplers.momentum import _check, ghvb_rule, hb_dpmpp_2m_rule, hb_plms_rule, nt_plms_rule
 from fastdiff.samplers.ode import dpmpp_2m_rule
-from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, ipndm_rule, pndm_program
+from fastdiff.samplers.pndm import PNDM_VARIANTS, Program, Query, ipndm_rule, ipndm_v_rule, pndm_program
 from fastdiff.samplers.unipc import check_unipc, unipc_rule
 from fastdiff.schedules import TIME_SHIFT_TYPES, FlowSchedule, VPSchedule
 
@@ -46,9 +46,9 @@ __all__ = [
 
 SOLVERS = {
     "ghvb": ghvb_rule, "hb-plms": hb_plms_rule, "nt-plms": nt_plms_rule, "hb-dpmpp-2m": hb_dpmpp_2m_rule, "dpmpp-2m": dpmpp_2m_rule,
-    "ipndm": ipndm_rule, "unipc-hb": unipc_rule,
+    "ipndm": ipndm_rule, "ipndm-v": ipndm_v_rule, "unipc-hb": unipc_rule,
 }  # fmt: skip
-_ORDERED = ("ghvb", "hb-plms", "nt-plms", "ipndm", "unipc-hb")  # solvers with a multistep order
+_ORDERED = ("ghvb", "hb-plms", "nt-plms", "ipndm", "ipndm-v", "unipc-hb")  # solvers with a multistep order
 _DAMPED = ("ghvb", "hb-plms", "nt-plms", "hb-dpmpp-2m", "unipc-hb")  # solvers with a momentum
 _FLOW_COMPATIBLES = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 
@@ -220,7 +220,8 @@ class MomentumScheduler(SigmaGridScheduler):
     Args:
         solver: ``ghvb`` (generalized heavy ball), ``hb-plms`` (heavy ball on PLMS), ``nt-plms`` (Nesterov on PLMS),
             ``hb-dpmpp-2m`` (heavy ball on DPM-Solver++(2M)), ``unipc-hb`` (heavy ball on UniPC), ``ipndm`` (PLMS with
-            Adams-Bashforth warm-up) or ``dpmpp-2m``; default per class.
+            Adams-Bashforth warm-up), ``ipndm-v`` (iPNDM with variable-step weights: full order on non-uniform grids)
+            or ``dpmpp-2m``; default per class.
         solver_order: multistep order 1-4 (GHVB, HB-PLMS, NT-PLMS, iPNDM; default 4) or 1-2 (UniPC-HB; default 2).
         momentum: damping ``beta`` in (0, 1]; 1 is the base solver exactly.
         use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``
@@ -405,7 +406,8 @@ class HeavyBallDPMSolverScheduler(MomentumScheduler):
 
 
 class IPNDMScheduler(MomentumScheduler):
-    """iPNDM: PLMS with Adams-Bashforth warm-up (orders 1..4), one evaluation per step."""
+    """iPNDM: PLMS with Adams-Bashforth warm-up (orders 1..4), one evaluation per step; ``solver="ipndm-v"``: the
+    variable-step weights (order 4 on Karras / VP / optimised grids, where the fixed weights give order 2)."""
 
     _default_solver = "ipndm"
 

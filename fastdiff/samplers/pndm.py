@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,7 +27,7 @@ from fastdiff.samplers.ode import State, named_rule, sample_multistep
 from fastdiff.schedules import EDMSchedule, NoiseSchedule
 
 __all__ = [
-    "adams_bashforth", "check_order", "ipndm_rule", "prk_midpoint", "sample_plms", "sample_spndm", "sample_fpndm",
+    "adams_bashforth", "variable_ab_weights", "check_order", "ipndm_rule", "ipndm_v_rule", "sample_ipndm_v", "prk_midpoint", "sample_plms", "sample_spndm", "sample_fpndm",
     "sample_ipndm", "PNDM_VARIANTS", "pndm_program", "run_program", "Query",
 ]  # fmt: skip
 
@@ -66,6 +67,34 @@ def ipndm_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, s
     this is iPNDM (orders 1, 2, 3, 4 as the history fills); after a warm-up, PLMS / S-PNDM / F-PNDM."""
     history = (to_d(x, denoised, sigma), *(state or ()))[:order]
     return transfer(x, adams_bashforth(history, order), sigma, sigma_next), history
+
+
+def variable_ab_weights(levels: tuple[float, ...], sigma_next: float) -> tuple[float, ...]:
+    """Adams-Bashforth weights for nodes ``levels`` (sigmas, newest first) and the step to ``sigma_next``:
+    ``c_j = (1 / h) int_{s_0}^{s_next} L_j(s) ds`` with ``L_j`` the Lagrange basis on the nodes, ``h = s_next - s_0``.
+    Exact for an integrand of degree < ``len(levels)`` on any grid; on a uniform grid the classical weights."""
+    h = sigma_next - levels[0]
+    u = [(s - levels[0]) / h for s in levels]  # nodes in units of the step: 0, then -1, -2, ... on a uniform grid
+    weights = []
+    for j, uj in enumerate(u):
+        basis = np.poly1d([1.0])
+        for m, um in enumerate(u):
+            if m != j:
+                basis *= np.poly1d([1.0, -um]) / (uj - um)
+        weights.append(float(basis.integ()(1.0)))  # int_0^1 (the antiderivative vanishes at 0)
+    return tuple(weights)
+
+
+def ipndm_v_rule(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: State = None,
+                 order: int = 4) -> tuple[Tensor, State]:  # fmt: skip
+    """:func:`ipndm_rule` with :func:`variable_ab_weights` (iPNDM-v, the variable-step version in the official
+    diff-solvers code): the fixed weights assume equal steps and make iPNDM second order on Karras / VP grids; these
+    keep order ``order`` on any grid and equal the fixed ones on a uniform grid."""
+    history, levels = state or ((), ())
+    history = (to_d(x, denoised, sigma), *history)[:order]
+    levels = (float(sigma), *levels)[:order]
+    weights = variable_ab_weights(levels, float(sigma_next))
+    return transfer(x, sum(c * e for c, e in zip(weights, history)), sigma, sigma_next), (history, levels)
 
 
 def _eps(q: Query):
@@ -164,3 +193,10 @@ def sample_ipndm(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, An
     from the first step, Adams-Bashforth orders 1, 2, ... up to ``order``; N evaluations for N steps."""
     check_order(order)
     return sample_multistep(named_rule(partial(ipndm_rule, order=order), "ipndm"), den, x, sigmas, cond, callback)
+
+
+def sample_ipndm_v(den: Callable, x: Tensor, sigmas: Tensor, cond: Mapping[str, Any] | None = None,
+                   callback: Callback | None = None, order: int = 4) -> Tensor:  # fmt: skip
+    """iPNDM-v: :func:`ipndm_v_rule` from the first step (orders 1, 2, ... up to ``order``, variable-step weights)."""
+    check_order(order)
+    return sample_multistep(named_rule(partial(ipndm_v_rule, order=order), "ipndm-v"), den, x, sigmas, cond, callback)
