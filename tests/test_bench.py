@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fastdiff.bench import README_END, README_START, machine, write_report
+from fastdiff.errors import InputError
 
 
 def _teachers_json():
@@ -482,3 +483,27 @@ def test_distill_trainings_are_cells_split_by_shards_and_kept_without_their_fold
     result = distill._bench_set("digits", True, False, Path(__file__).resolve().parent.parent / "recipes", Cells(path, resume=True))
     assert [(r["objective"], r["training_of"]) for r in result["rows"]] == [("A", "A"), ("A sampled otherwise", "A"), ("B", "B"), ("C", "C"), ("D", "D")]
     assert all(set(r["fid"]) == {"1", "2"} and r["wall_minutes"] == 1.5 for r in result["rows"])
+    # --rows: a chosen subset comes out of the same cells (nothing trained); a name not in the table is refused by name
+    picked = distill._bench_set("digits", True, False, Path(__file__).resolve().parent.parent / "recipes", Cells(path, resume=True),
+                                rows=["C", "B"])  # fmt: skip
+    assert [r["objective"] for r in picked["rows"]] == ["B", "C"]
+    with pytest.raises(InputError, match=r"'Z' not among the rows of `fastdiff bench distill`: 'A', 'A sampled otherwise'"):
+        distill._bench_set("digits", True, False, Path(__file__).resolve().parent.parent / "recipes", Cells(path, resume=True), rows=["B", "Z"])
+
+
+def test_rows_are_refused_for_benchmarks_without_rows_and_a_subset_keeps_its_cells(tmp_path, monkeypatch):
+    import fastdiff.bench as bench
+    from fastdiff.bench import run_bench
+
+    with pytest.raises(InputError, match="--rows picks rows of the distill benchmarks; `fastdiff bench samplers` has none"):
+        run_bench("samplers", True, out_dir=tmp_path, rows=["DDIM"])
+
+    def run(quick, progress, cells, recipes, rows=None):
+        return {"machine": machine(), "rows": [cells(r, lambda r=r: r) for r in rows or ("A", "B")]}
+
+    monkeypatch.setitem(bench.BENCHMARKS, "distill", bench.Benchmark(run, lambda data: [], resumable=True, uses_recipes=True))
+    run_bench("distill", True, out_dir=tmp_path, rows=["B"])
+    assert (tmp_path / "distill-quick.partial.jsonl").is_file()  # later subsets and the full run reuse its cells
+    run_bench("distill", True, out_dir=tmp_path, resume=True)
+    assert json.loads((tmp_path / "distill-quick.json").read_text())["rows"] == ["A", "B"]
+    assert not (tmp_path / "distill-quick.partial.jsonl").exists()

@@ -61,14 +61,24 @@ def _weights(folder: Path, kind: str = "student") -> dict:
     return load_file(next(folder.glob(f"{kind}/unet/*.safetensors")))
 
 
-@pytest.mark.parametrize("kind", ["student", "teacher"])
+def _dmd2_recipe(tmp_path: Path, steps: int, checkpoint_every: int) -> list:
+    """The digits DMD2 recipe, small: two phases (generator every 5th step), fake score, GAN head, two optimisers."""
+    sets = [f"trainer.steps={steps}", "trainer.batch_size=8", f"trainer.checkpoint_every={checkpoint_every}", "trainer.eval_every=0",
+            "trainer.log_every=1", "trainer.tracker=none", "eval.num_samples=8"]  # fmt: skip
+    return [ROOT / "recipes" / "dmd2_digits.yaml", *(a for s in sets for a in ("--set", s))]
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher", "dmd2"])
 def test_resume_after_sigkill_is_bitwise(tmp_path, kind):
-    """A consistency recipe and a teacher recipe, killed after a checkpoint and resumed, end bit-identical."""
-    recipe = _recipe(tmp_path, steps=60, checkpoint_every=10) if kind == "student" else _teacher_recipe(tmp_path, 60, 10)
-    full = _cli(recipe, "--set", f"output_dir={tmp_path / 'full'}")
+    """A consistency recipe, a teacher recipe and a two-phase DMD2 recipe (generator, fake score, GAN head and their
+    optimisers all come back from the checkpoint), killed after a checkpoint and resumed, end bit-identical."""
+    recipe = {"student": lambda: [_recipe(tmp_path, steps=60, checkpoint_every=10)], "teacher": lambda: [_teacher_recipe(tmp_path, 60, 10)],
+              "dmd2": lambda: _dmd2_recipe(tmp_path, 40, 10)}[kind]()  # fmt: skip
+    kind = "student" if kind == "dmd2" else kind
+    full = _cli(*recipe, "--set", f"output_dir={tmp_path / 'full'}")
     assert full.wait(timeout=300) == 0, full.stdout.read()
     run = tmp_path / "killed"
-    proc = _cli(recipe, "--set", f"output_dir={run}")
+    proc = _cli(*recipe, "--set", f"output_dir={run}")
     deadline = time.time() + 240
     while not (run / "checkpoints" / "step_00000020").is_dir():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -76,7 +86,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, kind):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / kind).exists()
-    resumed = _cli(recipe, "--set", f"output_dir={run}", "--resume", "latest")
+    resumed = _cli(*recipe, "--set", f"output_dir={run}", "--resume", "latest")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output

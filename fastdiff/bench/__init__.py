@@ -112,13 +112,13 @@ def _update_readme(readme: Path, lines: list[str]) -> None:
 
 def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BENCH_DIR, report: Path = REPORT,
               readme: Path | None = README, recipes: Path = RECIPES_DIR, resume: bool = False,
-              shard: tuple[int, int] | None = None) -> Path | None:  # fmt: skip
+              shard: tuple[int, int] | None = None, rows: list[str] | None = None) -> Path | None:  # fmt: skip
     """Run benchmark ``name``, write its JSON into ``out_dir`` and, unless ``quick``, regenerate ``report`` and the
     benchmark section of ``readme`` from that folder. ``recipes``: where benchmarks that train find the recipes;
     ``resume``: a resumable benchmark continues from the cells its killed run left in ``out_dir/NAME.partial.jsonl``
     (a benchmark that trains continues its runs from their checkpoints). ``shard=(i, k)``: compute only shard ``i`` of
     ``k`` of a resumable benchmark's cells into that file (run the ``k`` shards at once, then ``resume`` assembles the
-    JSON); returns ``None``, writing no JSON."""
+    JSON); returns ``None``, writing no JSON. ``rows``: a distill benchmark runs (and its JSON holds) only these rows."""
     bench = BENCHMARKS[name]
     out_dir = Path(out_dir)
     stem = f"{name}{'-quick' if quick else ''}"
@@ -128,6 +128,10 @@ def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BEN
         options["cells"] = cells
     elif resume or shard:
         raise InputError(f"`fastdiff bench {name}` cannot resume or shard; resumable: {', '.join(n for n, b in BENCHMARKS.items() if b.resumable)}")
+    if rows is not None:
+        if not name.startswith("distill"):
+            raise InputError(f"--rows picks rows of the distill benchmarks; `fastdiff bench {name}` has none to pick")
+        options["rows"] = rows
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise InputError(f"--shard I/K needs 0 <= I < K; got {shard[0]}/{shard[1]}")
     data = bench.run(quick=quick, progress=progress, **options)
@@ -137,7 +141,7 @@ def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BEN
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     atomic_write(path, json.dumps(data, indent=2) + "\n")
-    if cells is not None:
+    if cells is not None and rows is None:  # a subset of rows keeps the cells, for the next subset or the full run
         cells.done()
     if not quick:
         write_report(out_dir, report, readme)

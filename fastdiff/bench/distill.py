@@ -111,24 +111,42 @@ def _fid_seeds(sample, extractor, reference, seeds, cells, key) -> dict:
                       for seed in seeds])  # fmt: skip
 
 
-def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None) -> dict:
-    """``fastdiff bench distill``: the digits students (:data:`DISTILL_RECIPES`, read from the folder ``recipes``) and
-    the trainer's overhead; the JSON record. ``cells``' resume flag continues killed trainings and keeps finished FIDs."""
+def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None,
+                  rows: list[str] | None = None) -> dict:  # fmt: skip
+    """``fastdiff bench distill``: the digits students (:data:`DISTILL_RECIPES`, read from the folder ``recipes``; only
+    the labels in ``rows`` when given) and the trainer's overhead; the JSON record. ``cells``' resume flag continues
+    killed trainings and keeps finished FIDs."""
     from fastdiff.bench.common import Cells
 
-    result = _bench_set("digits", quick, progress, recipes, cells)
+    result = _bench_set("digits", quick, progress, recipes, cells, rows)
     result["trainer_overhead"] = (cells or Cells(None))(
         f"trainer overhead quick={quick}", lambda: trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes))
     return result
 
 
-def bench_distill_fashion(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None) -> dict:
+def bench_distill_fashion(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None,
+                          rows: list[str] | None = None) -> dict:  # fmt: skip
     """``fastdiff bench distill-fashion-mnist``: the students of the shipped Fashion-MNIST teacher
-    (:data:`FASHION_RECIPES`); ``cells``' resume flag continues killed trainings and keeps finished FIDs."""
-    return _bench_set("fashion-mnist", quick, progress, recipes, cells)
+    (:data:`FASHION_RECIPES`; only the labels in ``rows`` when given); ``cells``' resume flag continues killed
+    trainings and keeps finished FIDs."""
+    return _bench_set("fashion-mnist", quick, progress, recipes, cells, rows)
 
 
-def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cells: Any = None) -> dict:
+def chosen_rows(recipes: dict[str, tuple], rows: list[str] | None, bench: str) -> dict[str, tuple]:
+    """The table's rows to run: all, or those named in ``rows`` (in the table's order); an unknown name is refused with
+    the names there are."""
+    from fastdiff.errors import InputError
+
+    if rows is None:
+        return recipes
+    unknown = [r for r in rows if r not in recipes]
+    if unknown:
+        raise InputError(f"--rows: {', '.join(map(repr, unknown))} not among the rows of `fastdiff bench {bench}`: "
+                         + ", ".join(map(repr, recipes)))  # fmt: skip
+    return {label: row for label, row in recipes.items() if label in rows}
+
+
+def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cells: Any = None, rows: list[str] | None = None) -> dict:
     from fastdiff.bench.common import Cells, machine, recipe_file
     from fastdiff.eval.assets import teacher_path
     from fastdiff.eval.extractors import load_extractor
@@ -138,7 +156,8 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
     from fastdiff.pipelines.sampling import sample_pipeline
 
     spec, cells = DISTILL_SETS[name], cells or Cells(None)
-    paths = {label: recipe_file(row[0], recipes) for label, row in spec.recipes.items()}  # all found before any work
+    chosen = chosen_rows(spec.recipes, rows, "distill" if name == "digits" else f"distill-{name}")
+    paths = {label: recipe_file(row[0], recipes) for label, row in chosen.items()}  # all found before any work
     seeds = (0,) if quick else (0, 1, 2)
     n = 60 if quick else spec.num_samples
     steps = spec.student_steps
@@ -179,7 +198,7 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
     # one cell per training and the rows it serves: a finished training's rows are kept even where its folder is gone,
     # and --shard splits the trainings
     rows = []
-    for first, group in _trainings(spec.recipes).items():
+    for first, group in _trainings(chosen).items():
         rows += cells(f"n={n} seeds={list(seeds)} rows of {first}", lambda first=first, group=group: score(first, group)) or []
     if quick:
         shutil.rmtree(runs, ignore_errors=True)

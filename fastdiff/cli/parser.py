@@ -188,6 +188,9 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--shard", type=_shard, metavar="I/K",
                    help="split a resumable benchmark over K processes: this one computes shard I (0-based) of the cells into "
                         "--out's NAME.partial.jsonl and writes no JSON; once all K finish, run it with --resume to assemble")  # fmt: skip
+    p.add_argument("--rows", nargs="+", metavar="LABEL",
+                   help="distill, distill-fashion-mnist: run only these rows (labels as in the table, e.g. DMD2 'DMD2 4-step'); "
+                        "the JSON and the report hold only them")  # fmt: skip
     p.set_defaults(func=commands.cmd_bench)
 
 
