@@ -62,29 +62,60 @@ def test_propagation_gain_is_the_exact_flow_map_of_gaussian_data():
         assert torch.allclose(exact, propagation_gain(torch.tensor(sigma, dtype=torch.float64), std).expand_as(exact), rtol=1e-4)
 
 
-def test_optimised_schedule_beats_karras_under_strong_guidance_on_a_vp_range():
-    """VP models reach sigma ~157 and guidance makes the early steps' raw local errors large: unweighted (GITS's raw
-    sum) the DP spends the steps there and ends with one long step to 0, and loses to Karras at 8 and 10 steps; the
-    errors weighted by what reaches the image win at every step count."""
+SIGMA_MAX_VP, SIGMA_MIN_VP = 157.0, 0.03  # a VP model's sigma range
+
+
+def _guided_vp_problem(w: float = 6.0):
+    """A labelled mixture under guidance ``w`` on a VP sigma range: the guided denoiser, calibration noise and fresh
+    noise each with its labels, and a function giving a sampler's mean error on the fresh noise for given sigmas."""
     from fastdiff.bench.oracle import _GuidedOracle
 
     means = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.2], [0.8, 1.0]], dtype=torch.float64)
     gmm = GaussianMixture(means, torch.tensor([0.3, 0.4, 0.25, 0.35]), labels=torch.tensor([0, 1, 0, 1]))
-    sigma_max, sigma_min, g = 157.0, 0.03, torch.Generator().manual_seed(1)
-    calibration = torch.randn(32, 2, generator=g, dtype=torch.float64) * sigma_max
-    fresh = torch.randn(128, 2, generator=g, dtype=torch.float64) * sigma_max
-    labels = torch.arange(128) % 2
-    exact = gmm.ode_solve(fresh, sigma_max, 0.0, class_labels=labels, guidance_scale=6.0)
-    guided = _GuidedOracle(gmm, labels, 6.0)
+    g = torch.Generator().manual_seed(1)
+    calibration = torch.randn(32, 2, generator=g, dtype=torch.float64) * SIGMA_MAX_VP
+    fresh = torch.randn(128, 2, generator=g, dtype=torch.float64) * SIGMA_MAX_VP
+    (lc, lf) = torch.arange(32) % 2, torch.arange(128) % 2
+    exact_c = gmm.ode_solve(calibration, SIGMA_MAX_VP, 0.0, class_labels=lc, guidance_scale=w)
+    exact_f = gmm.ode_solve(fresh, SIGMA_MAX_VP, 0.0, class_labels=lf, guidance_scale=w)
+    den_c, den_f = _GuidedOracle(gmm, lc, w), _GuidedOracle(gmm, lf, w)
 
-    def error(sigmas):
-        return (sample_euler(guided, fresh, sigmas) - exact).norm(dim=1).mean().item()
+    def on_calibration(fn, sigmas):
+        return (fn(den_c, calibration.clone(), sigmas) - exact_c).norm(dim=1).mean().item()
 
-    fine = karras_sigmas(80, sigma_min, sigma_max)
+    def on_fresh(fn, sigmas):
+        return (fn(den_f, fresh.clone(), sigmas) - exact_f).norm(dim=1).mean().item()
+
+    return den_c, calibration, on_calibration, on_fresh
+
+
+def test_optimised_schedule_beats_karras_under_strong_guidance_on_a_vp_range():
+    """VP models reach sigma ~157 and guidance makes the early steps' raw local errors large: unweighted (GITS's raw
+    sum) the DP spends the steps there and ends with one long step to 0, and loses to Karras at 8 and 10 steps; the
+    errors weighted by what reaches the image win at every step count."""
+    den, calibration, _, on_fresh = _guided_vp_problem()
+    fine = karras_sigmas(80, SIGMA_MIN_VP, SIGMA_MAX_VP)
     for steps in (4, 6, 8, 10):
-        ours, _ = optimize_schedule(_GuidedOracle(gmm, torch.arange(32) % 2, 6.0), calibration, fine, steps)
-        e_ours, e_karras = error(ours), error(karras_sigmas(steps, sigma_min, sigma_max))
+        ours, _ = optimize_schedule(den, calibration, fine, steps)
+        e_ours, e_karras = on_fresh(sample_euler, ours), on_fresh(sample_euler, karras_sigmas(steps, SIGMA_MIN_VP, SIGMA_MAX_VP))
         assert e_ours < 0.8 * e_karras, (steps, e_ours, e_karras)
+
+
+def test_refining_fits_the_schedule_to_the_solver():
+    """The DP measures DDIM's local error; coordinate descent on DPM-Solver++(2M)'s and GHVB 3.8's own end-to-end
+    error on the calibration noise never raises it, and cuts their error on fresh noise by 30% or more (w = 6, 6 steps)."""
+    from functools import partial
+
+    from fastdiff.samplers import sample_dpmpp_2m, sample_ghvb
+    from fastdiff.samplers.schedule_search import calibration_costs, refine_path
+
+    den, calibration, on_calibration, on_fresh = _guided_vp_problem()
+    fine = karras_sigmas(80, SIGMA_MIN_VP, SIGMA_MAX_VP)
+    dp = optimal_path(calibration_costs(den, calibration, fine), 6)
+    for fn in (sample_dpmpp_2m, partial(sample_ghvb, order=4, beta=0.8)):
+        refined, error = refine_path(lambda path, fn=fn: on_calibration(fn, fine[path]), dp, sweeps=3)
+        assert refined[0] == 0 and refined[-1] == len(fine) - 1 and len(refined) == 7 and error <= on_calibration(fn, fine[dp])
+        assert on_fresh(fn, fine[refined]) < 0.7 * on_fresh(fn, fine[dp]), fn
 
 
 def test_schedule_file_round_trip_and_refusals(tmp_path, capsys, monkeypatch):
@@ -112,6 +143,10 @@ def test_schedule_file_round_trip_and_refusals(tmp_path, capsys, monkeypatch):
     assert main([*optimize, "--steps", "2", "3", "--out", str(tmp_path / "m-{steps}.json")]) == 0  # one calibration, two files
     made = [json.loads((tmp_path / f"m-{n}.json").read_text()) for n in (2, 3)]
     assert [(r["nfe"], len(r["sigmas"])) for r in made] == [(2, 2), (3, 3)] and made[0]["calibration"]["seconds"] == made[1]["calibration"]["seconds"]
+    assert main([*optimize, "--steps", "3", "--refine", "--out", str(tmp_path / "r.json")]) == 0  # fitted to ghvb-1.8 itself
+    refined = json.loads((tmp_path / "r.json").read_text())
+    assert len(refined["sigmas"]) == 3 and refined["calibration"]["refined"]["error"] <= refined["calibration"]["refined"]["dp_error"]
+    assert "refined for ghvb-1.8: end-to-end error" in capsys.readouterr().out
     assert main([*optimize, "--steps", "2", "3", "--out", str(tmp_path / "plain.json")]) == 2
     assert "need {steps} in --out" in capsys.readouterr().err and not (tmp_path / "plain.json").exists()
     import fastdiff.samplers.schedule_search as search

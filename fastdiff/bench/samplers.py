@@ -53,6 +53,11 @@ OPTIMISED_NFE = (4, 6, 8, 10)
 OPTIMISED_ENTRIES = ("GHVB 3.8 (order 4, beta 0.8)", "GHVB 1.8 (order 2, beta 0.8)", "NT-PLMS (order 4, beta 0.8)",
                      "HB-DPM-Solver++(2M) (beta 0.8)", "UniPC-HB (order 2, beta 0.8)", "iPNDM", "iPNDM-v (variable-step)",
                      "DPM-Solver++(2M)", "Euler")  # fmt: skip
+# the solvers whose DP schedule is then fitted to the solver itself (refine_schedule: coordinate descent on its end-to-end
+# error, 8 calibration images), fastdiff's candidates and diffusers' DPM-Solver++(2M); REFINE: (images, sweeps)
+REFINED_ENTRIES = ("GHVB 3.8 (order 4, beta 0.8)", "GHVB 1.8 (order 2, beta 0.8)", "UniPC-HB (order 2, beta 0.8)", "iPNDM-v (variable-step)",
+                   "DPM-Solver++(2M)")  # fmt: skip
+REFINE = (8, 2)
 REFERENCE = ("DPM-Solver++(2M)", "dpmpp-2m", 50)  # the converged samples each guidance scale is compared with
 
 
@@ -111,7 +116,9 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     runs = [(entry, nfe) for entry in SAMPLER_ENTRIES for nfe in nfes if nfe - entry[3] >= MIN_STEPS.get(entry[1], 1)]
     opt_nfes = [k for k in OPTIMISED_NFE if k in nfes] if not quick else [nfes[0]]
     opt_entries = [e for e in SAMPLER_ENTRIES if e[0] in OPTIMISED_ENTRIES]
-    bar = tqdm(total=(len(runs) + 1 + len(opt_entries) * len(opt_nfes) + 1) * len(guidances), desc="samplers", disable=not progress)
+    refined_entries = [e for e in SAMPLER_ENTRIES if e[0] in REFINED_ENTRIES]
+    per_guidance = len(runs) + 1 + (len(opt_entries) + len(refined_entries)) * len(opt_nfes) + 1
+    bar = tqdm(total=per_guidance * len(guidances), desc="samplers", disable=not progress)
     rows, references, ref_cache = [], {}, {}
 
     def reference(g):  # the converged samples of guidance g and their features, drawn once (where a cell needs them)
@@ -136,8 +143,9 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
             rows.append(cells(key, lambda: cell(g, ref, ref_features, label, name, overrides, extra, nfe)))  # noqa: B023 (called at once)
             bar.update()
     optimised = {"nfe": opt_nfes, "method": METHOD, "calibration": {}, "schedules": {}, "rows": []}
+    full: dict = {}  # guidance -> the calibration with its step costs, where this process made it (the cell keeps the schedules)
     for g in guidances:  # the same solvers on the GITS-optimised schedule of each (guidance, NFE)
-        record = cells(f"n={n} w={g} calibration ({METHOD})", lambda: _optimised_schedules(pipe, g, opt_nfes, quick), every_shard=True)  # noqa: B023
+        record = cells(f"n={n} w={g} calibration ({METHOD})", lambda: _optimised_schedules(pipe, g, opt_nfes, quick, full), every_shard=True)  # noqa: B023
         optimised["calibration"][str(g)], optimised["schedules"][str(g)] = record["calibration"], record["schedules"]
         bar.update()
         for (label, name, overrides, extra), nfe in ((e, k) for e in opt_entries for k in opt_nfes):
@@ -148,6 +156,21 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
 
             optimised["rows"].append(cells(f"n={n} w={g} {label} nfe={nfe} optimised ({METHOD})", compute))
             bar.update()
+    calibrations: dict = {}  # guidance -> (calibration, refinement reference), made where a fitted cell needs them
+    optimised["refined_rows"] = []
+    for g in guidances:  # the DP schedule fitted to each solver itself
+        for (label, name, overrides, extra), nfe in ((e, k) for e in refined_entries for k in opt_nfes):
+
+            def fitted():
+                if g not in calibrations:  # noqa: B023
+                    calibrations[g] = _refinement_inputs(pipe, g, base, quick, full.get(g))  # noqa: B023
+                record = _fitted_schedule(pipe, *calibrations[g], name, overrides, nfe, base, quick)  # noqa: B023
+                grid = {"sigmas": record["sigmas"], "timesteps": record["timesteps"]}
+                return {**cell(g, *reference(g), label, name, overrides, extra, nfe, grid), "schedule": "fitted",  # noqa: B023
+                        "sigmas": record["sigmas"], "refined": record["calibration"]["refined"]}  # fmt: skip
+
+            optimised["refined_rows"].append(cells(f"n={n} w={g} {label} nfe={nfe} fitted ({METHOD}; refine {REFINE})", fitted))
+            bar.update()
     bar.close()
     return {
         "machine": machine(), "quick": quick, "teacher": "fashion-mnist", "num_samples": n, "guidance": list(guidances),
@@ -157,16 +180,36 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     }  # fmt: skip
 
 
-def _optimised_schedules(pipe: Any, guidance: float, nfes: list[int], quick: bool) -> dict:
+def _optimised_schedules(pipe: Any, guidance: float, nfes: list[int], quick: bool, keep: dict | None = None) -> dict:
     """One GITS calibration of ``pipe`` at ``guidance`` (32 noises, 80-point fine grid; 4 and 12 when ``quick``) and the
     optimal schedule of each NFE in ``nfes`` from it; its wall-clock seconds."""
     from fastdiff.pipelines.schedule_files import calibrate_pipeline, schedule_from_calibration
 
     samples, fine = (4, 12) if quick else (32, 80)
     calibration = calibrate_pipeline(pipe, guidance, samples, seed=1, fine_points=fine)  # seed 1: not the evaluation noise
+    if keep is not None:
+        keep[guidance] = calibration
     schedules = {str(k): schedule_from_calibration(pipe, calibration, "fashion-mnist", "any", k) for k in nfes}
     kept = {k: calibration[k] for k in ("samples", "fine_points", "seconds")}
     return {"calibration": kept, "schedules": {k: {"sigmas": v["sigmas"], "timesteps": v["timesteps"]} for k, v in schedules.items()}}
+
+
+def _refinement_inputs(pipe: Any, guidance: float, config: dict, quick: bool, calibration: dict | None) -> tuple[dict, Any]:
+    """The calibration of :func:`_optimised_schedules` (same noise and grid, so its DP paths are the table's; made
+    again where a resumed run has only its cell) with its step costs, and the reference the schedules are fitted to."""
+    from fastdiff.pipelines.schedule_files import calibrate_pipeline, refinement_reference
+
+    samples, fine = (4, 12) if quick else (32, 80)
+    calibration = calibration or calibrate_pipeline(pipe, guidance, samples, seed=1, fine_points=fine)
+    return calibration, refinement_reference(pipe, guidance, 2 if quick else REFINE[0], 1, config)
+
+
+def _fitted_schedule(pipe, calibration, reference, name, overrides, nfe, config, quick) -> dict:
+    from fastdiff.pipelines.schedule_files import refine_schedule, schedule_from_calibration
+
+    record = schedule_from_calibration(pipe, calibration, "fashion-mnist", name, nfe)
+    images, sweeps = (2, 1) if quick else REFINE
+    return refine_schedule(pipe, calibration, record, overrides, images, sweeps, seed=1, config=config, reference=reference)
 
 
 def scheduler_overhead(pipe: Any, config: dict, quick: bool = False, batch: int = 250, steps: int = 10) -> dict:
@@ -370,14 +413,14 @@ def optimised_targets(data: dict) -> dict | None:
     opt = data.get("optimised") or {}
     if not opt.get("rows"):
         return None
-    tuned_rows = opt["rows"]
+    tuned_rows = opt["rows"] + opt.get("refined_rows", [])  # the DP's schedule, and the schedule fitted to each solver
     grid = [(g, k) for g in data["guidance"] for k in opt["nfe"]]
 
     def at(rows, g, k, source):
         return [r for r in rows if r["guidance"] == g and round(r["nfe"]) == k and r["source"] == source]
 
     def setting(r):
-        return f"{r['sampler']}" + (" + optimised schedule" if r.get("schedule") == "optimised" else "")
+        return f"{r['sampler']}" + {"optimised": " + optimised schedule", "fitted": " + fitted schedule"}.get(r.get("schedule"), "")
 
     cells = []
     for g, k in grid:
@@ -423,15 +466,21 @@ def _render_optimised(data: dict) -> list[str]:
              "One calibration per guidance scale serves every NFE and solver; its cost on this machine (one thread): " + secs + ".",
              "Each cell: test FID on the solver's default schedule -> on the optimised one / the same for the FID to the",
              "converged samples (same seeds as above).", ""]  # fmt: skip
+    fits = [r["refined"]["seconds"] for r in opt.get("refined_rows", []) if "refined" in r]
+    if fits:
+        lines[-1:-1] = ["Rows *schedule fitted to it*: that DP schedule fitted to the solver itself (`--refine`: coordinate descent on the",
+                        f"solver's end-to-end error against DPM-Solver++(2M) at 50 NFE on {REFINE[0]} calibration images, {REFINE[1]} sweeps), "
+                        f"{min(fits):.0f}-{max(fits):.0f} s per (solver, NFE, guidance) on top of the calibration."]  # fmt: skip
     for g in data["guidance"]:
         default, tuned = _cells(data, g), {}
-        for r in opt["rows"]:
+        for r in opt["rows"] + opt.get("refined_rows", []):
             if r["guidance"] == g:
-                tuned.setdefault(r["sampler"], {})[round(r["nfe"])] = r
+                name = r["sampler"] + (", schedule fitted to it" if r.get("schedule") == "fitted" else "")
+                tuned.setdefault(name, {})[round(r["nfe"])] = r
         lines += [f"**Guidance {g:g}**", "", "| sampler | " + " | ".join(f"NFE {k}" for k in opt["nfe"]) + " |",
                   "|---|" + "---|" * len(opt["nfe"])]  # fmt: skip
         for sampler, row in tuned.items():
-            before = default.get(sampler, {})
+            before = default.get(row[next(iter(row))]["sampler"], {})
             parts = [" / ".join(f"{_fid_or_dash(before, k, m)} -> {_fid_or_dash(row, k, m)}" for m in ("fid_test", "fid_converged"))
                      + (f" †{row[k]['diverged']:.0%}" if row.get(k, {}).get("diverged") else "") for k in opt["nfe"]]  # fmt: skip
             lines.append(f"| {sampler} ({row[next(iter(row))]['source']}) | " + " | ".join(parts) + " |")

@@ -222,7 +222,7 @@ def cmd_schedule_optimize(args: argparse.Namespace) -> None:
     from fastdiff.eval.assets import pipeline_path
     from fastdiff.pipelines.class_conditional import load_pipeline
     from fastdiff.pipelines.sampling import make_scheduler
-    from fastdiff.pipelines.schedule_files import calibrate_pipeline, check_steps, schedule_from_calibration, write_schedule
+    from fastdiff.pipelines.schedule_files import calibrate_pipeline, check_steps, refine_schedule, schedule_from_calibration, write_schedule
 
     steps = list(dict.fromkeys(args.steps))
     if len(steps) > 1 and "{steps}" not in args.out:
@@ -233,10 +233,15 @@ def cmd_schedule_optimize(args: argparse.Namespace) -> None:
         raise InputError(f"{', '.join(existing)} already exists; pass --overwrite or another --out")
     check_steps(steps, args.fine)
     pipe = load_pipeline(pipeline_path(args.pipeline))
-    pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
+    config = dict(pipe.scheduler.config)  # the pipeline's own: --refine builds its solvers from it
+    pipe.scheduler = make_scheduler(args.scheduler, config)
     calibration = calibrate_pipeline(pipe, args.guidance, args.samples, args.seed, args.fine, progress=not args.no_progress)
     for n, out in outs.items():
         record = schedule_from_calibration(pipe, calibration, args.pipeline, args.scheduler, n)
+        if args.refine:
+            record = refine_schedule(pipe, calibration, record, config=config, progress=not args.no_progress)
+            r = record["calibration"]["refined"]
+            print(f"refined for {args.scheduler}: end-to-end error {r['dp_error']:.4g} -> {r['error']:.4g} ({r['seconds']:.1f} s)")
         path = write_schedule(record, out)
         print(f"wrote {path}: {n} steps for {args.scheduler} on {args.pipeline} (guidance {args.guidance:g}), "
               f"sigmas {', '.join(f'{s:.4g}' for s in record['sigmas'])}")  # fmt: skip

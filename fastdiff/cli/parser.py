@@ -224,6 +224,10 @@ def _add_schedule(sub: Subparsers) -> None:
     opt.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (default 0)")
     opt.add_argument("--out", required=True, metavar="JSON",
                      help="where to write the schedule; {steps} in it is replaced by the step count (e.g. s-{steps}.json)")
+    opt.add_argument("--refine", action="store_true",
+                     help="then fit the schedule to --scheduler itself: coordinate descent from the DP's schedule on the "
+                          "solver's end-to-end error on 16 images (the DP measures DDIM's error; multistep solvers want "
+                          "other steps)")  # fmt: skip
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     opt.set_defaults(func=commands.cmd_schedule_optimize)

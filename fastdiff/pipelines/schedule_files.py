@@ -22,7 +22,8 @@ import torch
 
 from fastdiff.errors import InputError
 
-__all__ = ["optimize_pipeline_schedule", "check_steps", "calibrate_pipeline", "schedule_from_calibration", "write_schedule", "read_schedule", "check_schedule"]
+__all__ = ["optimize_pipeline_schedule", "check_steps", "calibrate_pipeline", "schedule_from_calibration", "refine_schedule",
+           "refinement_reference", "write_schedule", "read_schedule", "check_schedule"]
 
 
 def optimize_pipeline_schedule(pipe: Any, model_id: str, solver: str, steps: int, guidance: float = 1.0, num_samples: int = 32,
@@ -70,16 +71,65 @@ def calibrate_pipeline(pipe: Any, guidance: float = 1.0, num_samples: int = 32, 
 def schedule_from_calibration(pipe: Any, calibration: dict, model_id: str, solver: str, steps: int) -> dict:
     """The schedule record (the module docstring's format) of the optimal ``steps``-step path of ``calibration``."""
     from fastdiff.samplers.schedule_search import METHOD, path_record
-    from fastdiff.schedules import schedule_from_config
 
     sigmas, record = path_record(calibration["fine"], calibration["costs"], steps)
-    levels = sigmas[:-1].double()
     kept = ("samples", "seed", "fine_points", "seconds")
     return {
-        "model": model_id, "solver": solver, "nfe": steps, "guidance": calibration["guidance"],
-        "timesteps": schedule_from_config(dict(pipe.scheduler.config)).sigma_to_t(levels).tolist(), "sigmas": levels.tolist(),
+        "model": model_id, "solver": solver, "nfe": steps, "guidance": calibration["guidance"], **_grid(pipe, sigmas),
         "calibration": {**{k: calibration[k] for k in kept}, "cost": record["cost"], "method": METHOD},
     }  # fmt: skip
+
+
+def _grid(pipe: Any, sigmas: Any) -> dict:
+    """``{"timesteps", "sigmas"}`` of a descending sigma path ending in 0 (the final 0 dropped, diffusers' convention)."""
+    from fastdiff.schedules import schedule_from_config
+
+    levels = sigmas[:-1].double()
+    return {"timesteps": schedule_from_config(dict(pipe.scheduler.config)).sigma_to_t(levels).tolist(), "sigmas": levels.tolist()}
+
+
+def refine_schedule(pipe: Any, calibration: dict, record: dict, overrides: dict | None = None, samples: int = 16, sweeps: int = 2,
+                    seed: int = 1, config: dict | None = None, reference: Any = None, progress: bool = False) -> dict:  # fmt: skip
+    """``record`` (of :func:`schedule_from_calibration`) fitted to its solver ``record["solver"]`` (a
+    :func:`~fastdiff.pipelines.sampling.make_scheduler` name, with config ``overrides``): :func:`refine_path` from the
+    DP's path on the solver's end-to-end RMS error against ``reference`` (default: DPM-Solver++(2M) at 50 NFE) on
+    ``samples`` images of seed ``seed`` (not the evaluation's seed 0). ``config``: the pipeline's own scheduler config
+    (default: its scheduler's), which the solvers are built from; the pipeline's scheduler is restored afterwards."""
+    from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
+    from fastdiff.samplers.schedule_search import optimal_path, refine_path
+
+    fine, steps, guidance, original = calibration["fine"], record["nfe"], record["guidance"], pipe.scheduler
+    base, start = dict(config or original.config), time.perf_counter()
+    try:
+        if reference is None:
+            reference = refinement_reference(pipe, guidance, samples, seed, base)
+        pipe.scheduler = make_scheduler(record["solver"], base, **(overrides or {}))
+
+        def error(path: list[int]) -> float:
+            out = sample_pipeline(pipe, samples, steps, guidance, seed, schedule=_grid(pipe, fine[path])).images
+            return float((out - reference).flatten(1).pow(2).mean(1).sqrt().mean())
+
+        dp_path = optimal_path(calibration["costs"], steps)
+        dp_error = error(dp_path)
+        path, refined_error = refine_path(error, dp_path, sweeps, progress)
+        grid = _grid(pipe, fine[path])
+    finally:
+        pipe.scheduler = original
+    refinement = {"samples": samples, "sweeps": sweeps, "seed": seed, "dp_error": dp_error, "error": refined_error,
+                  "seconds": round(time.perf_counter() - start, 2), "method": "coordinate descent on the solver's end-to-end error"}  # fmt: skip
+    return {**record, **grid, "calibration": {**record["calibration"], "refined": refinement}}
+
+
+def refinement_reference(pipe: Any, guidance: float, samples: int, seed: int, config: dict) -> Any:
+    """What :func:`refine_schedule` fits against: DPM-Solver++(2M) at 50 NFE from the pipeline's own ``config``."""
+    from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = make_scheduler("dpmpp-2m", config)
+        return sample_pipeline(pipe, samples, 50, guidance, seed).images
+    finally:
+        pipe.scheduler = original
 
 
 def write_schedule(record: dict, path: str | Path) -> Path:
