@@ -63,7 +63,7 @@ OPTIONS = {
     "bench": "name -h --help --quick --no-progress --out --report --readme --recipes --resume --shard --rows",
     "schedule": "-h --help",
     "schedule show": "config -h --help --steps --spacing --mu",
-    "schedule optimize": "pipeline -h --help --scheduler --steps --guidance --samples --fine --seed --out --refine --overwrite --no-progress",
+    "schedule optimize": "pipeline -h --help --scheduler --steps --guidance --samples --fine --seed --sigma-data --out --refine --overwrite --no-progress",
     "data": "name -h --help --split --root --size --channels --labels --seed --grid --num",
 }  # fmt: skip
 

@@ -154,6 +154,8 @@ def test_schedule_file_round_trip_and_refusals(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(search, "reference_trajectories", lambda *a, **k: pytest.fail("bad --steps must fail before any work"))
     assert main([*optimize, "--steps", "0", "--out", str(tmp_path / "zero.json")]) == 2 and not (tmp_path / "zero.json").exists()
     assert "1 <= --steps < --fine" in capsys.readouterr().err
+    assert main([*optimize, "--steps", "3", "--sigma-data", "0", "--out", str(tmp_path / "sd.json")]) == 2
+    assert "--sigma-data must be > 0; got 0.0" in capsys.readouterr().err and not (tmp_path / "sd.json").exists()
 
 
 def test_pipeline_takes_the_schedules_sigmas():

@@ -216,6 +216,18 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         print(f"{r['step']:>4} {r['timestep']:>10.3f} {r['sigma']:>12.6g} {r['scale']:>10.6f}")
 
 
+def _schedule_outputs(args: argparse.Namespace) -> dict[int, Path]:
+    """Step count -> output file of ``schedule optimize``, refused before any work where one would be overwritten."""
+    steps = list(dict.fromkeys(args.steps))
+    if len(steps) > 1 and "{steps}" not in args.out:
+        raise InputError(f"several --steps ({', '.join(map(str, steps))}) need {{steps}} in --out, e.g. schedule-{{steps}}.json; got {args.out}")
+    outs = {n: Path(args.out.replace("{steps}", str(n))) for n in steps}
+    existing = [str(p) for p in outs.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{', '.join(existing)} already exists; pass --overwrite or another --out")
+    return outs
+
+
 def cmd_schedule_optimize(args: argparse.Namespace) -> None:
     """Optimise the schedules of a pipeline, solver and guidance for one or more step counts (one calibration serves
     them all); write each as JSON."""
@@ -224,18 +236,13 @@ def cmd_schedule_optimize(args: argparse.Namespace) -> None:
     from fastdiff.pipelines.sampling import make_scheduler
     from fastdiff.pipelines.schedule_files import calibrate_pipeline, check_steps, refine_schedule, schedule_from_calibration, write_schedule
 
-    steps = list(dict.fromkeys(args.steps))
-    if len(steps) > 1 and "{steps}" not in args.out:
-        raise InputError(f"several --steps ({', '.join(map(str, steps))}) need {{steps}} in --out, e.g. schedule-{{steps}}.json; got {args.out}")
-    outs = {n: Path(args.out.replace("{steps}", str(n))) for n in steps}
-    existing = [str(p) for p in outs.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise InputError(f"{', '.join(existing)} already exists; pass --overwrite or another --out")
-    check_steps(steps, args.fine)
+    outs = _schedule_outputs(args)
+    check_steps(list(outs), args.fine)
     pipe = load_pipeline(pipeline_path(args.pipeline))
     config = dict(pipe.scheduler.config)  # the pipeline's own: --refine builds its solvers from it
     pipe.scheduler = make_scheduler(args.scheduler, config)
-    calibration = calibrate_pipeline(pipe, args.guidance, args.samples, args.seed, args.fine, progress=not args.no_progress)
+    calibration = calibrate_pipeline(pipe, args.guidance, args.samples, args.seed, args.fine, progress=not args.no_progress,
+                                     sigma_data=args.sigma_data)  # fmt: skip
     for n, out in outs.items():
         record = schedule_from_calibration(pipe, calibration, args.pipeline, args.scheduler, n)
         if args.refine:

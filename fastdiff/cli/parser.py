@@ -212,9 +212,13 @@ def _add_schedule(sub: Subparsers) -> None:
     show.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="override timestep_spacing")
     show.add_argument("--mu", type=float, help="Flux's resolution shift, needed by use_dynamic_shifting configs")
     show.set_defaults(func=commands.cmd_schedule)
+    _add_schedule_optimize(actions, sorted(SCHEDULERS))
+
+
+def _add_schedule_optimize(actions: Subparsers, schedulers: list[str]) -> None:
     opt = actions.add_parser("optimize", help="the schedule that minimises the error against reference trajectories (GITS-style DP)")
     opt.add_argument("pipeline", help="a pipeline folder or a shipped teacher's name (digits, fashion-mnist)")
-    opt.add_argument("--scheduler", choices=sorted(SCHEDULERS), required=True, help="the solver the schedule is for")
+    opt.add_argument("--scheduler", choices=schedulers, required=True, help="the solver the schedule is for")
     opt.add_argument("--steps", type=int, nargs="+", required=True,
                      help="number of steps (model evaluations for one-evaluation solvers); several share one calibration "
                           "and need {steps} in --out")  # fmt: skip
@@ -222,6 +226,9 @@ def _add_schedule(sub: Subparsers) -> None:
     opt.add_argument("--samples", type=int, default=32, help="calibration samples (default %(default)s)")
     opt.add_argument("--fine", type=int, default=80, help="points of the fine candidate grid (default %(default)s)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (default 0)")
+    opt.add_argument("--sigma-data", type=float, default=0.5,
+                     help="std of the data in the model's space, for weighting each step's error by what reaches the image "
+                          "(default 0.5: images in [-1, 1]; about 1 for SD / SDXL / SD3 / Flux latents)")  # fmt: skip
     opt.add_argument("--out", required=True, metavar="JSON",
                      help="where to write the schedule; {steps} in it is replaced by the step count (e.g. s-{steps}.json)")
     opt.add_argument("--refine", action="store_true",

@@ -41,15 +41,19 @@ def check_steps(steps: list[int], fine_points: int) -> None:
 
 
 def calibrate_pipeline(pipe: Any, guidance: float = 1.0, num_samples: int = 32, seed: int = 0, fine_points: int = 80,
-                       progress: bool = False) -> dict:  # fmt: skip
+                       progress: bool = False, sigma_data: float | None = None) -> dict:  # fmt: skip
     """The step-count-independent part of the optimisation: the Karras fine grid of the model's sigma range and the
     DDIM step costs on it for ``num_samples`` calibration noises (seeded by ``seed``; balanced class labels;
-    classifier-free guided at ``guidance``). One calibration serves every step count and solver."""
+    classifier-free guided at ``guidance``; errors weighted with the data std ``sigma_data``, default
+    :data:`~fastdiff.samplers.schedule_search.SIGMA_DATA`). One calibration serves every step count and solver."""
     from fastdiff.denoisers import CFGDenoiser, DiffusersDenoiser
     from fastdiff.samplers import karras_sigmas
-    from fastdiff.samplers.schedule_search import calibration_costs
+    from fastdiff.samplers.schedule_search import SIGMA_DATA, calibration_costs
     from fastdiff.schedules import schedule_from_config
 
+    sigma_data = SIGMA_DATA if sigma_data is None else sigma_data
+    if not sigma_data > 0:
+        raise InputError(f"--sigma-data must be > 0; got {sigma_data}")
     if num_samples < 1 or fine_points < 2:
         raise InputError(f"need --samples >= 1 and --fine >= 2; got {num_samples} samples, {fine_points} fine points")
     schedule = schedule_from_config(dict(pipe.scheduler.config))
@@ -63,8 +67,9 @@ def calibrate_pipeline(pipe: Any, guidance: float = 1.0, num_samples: int = 32, 
     fine = karras_sigmas(fine_points - 1, lo, hi).float()
     noise = torch.randn((num_samples, *pipe.image_shape), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    costs = calibration_costs(den, noise * hi, fine, {"class_labels": labels}, progress)
+    costs = calibration_costs(den, noise * hi, fine, {"class_labels": labels}, progress, sigma_data)
     return {"fine": fine, "costs": costs, "guidance": guidance, "samples": num_samples, "seed": seed, "fine_points": fine_points,
+            "sigma_data": sigma_data,
             "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
 
@@ -73,7 +78,7 @@ def schedule_from_calibration(pipe: Any, calibration: dict, model_id: str, solve
     from fastdiff.samplers.schedule_search import METHOD, path_record
 
     sigmas, record = path_record(calibration["fine"], calibration["costs"], steps)
-    kept = ("samples", "seed", "fine_points", "seconds")
+    kept = ("samples", "seed", "fine_points", "sigma_data", "seconds")
     return {
         "model": model_id, "solver": solver, "nfe": steps, "guidance": calibration["guidance"], **_grid(pipe, sigmas),
         "calibration": {**{k: calibration[k] for k in kept}, "cost": record["cost"], "method": METHOD},

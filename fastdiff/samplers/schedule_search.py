@@ -105,13 +105,14 @@ def optimal_path(costs: Tensor, steps: int) -> list[int]:
 
 
 def calibration_costs(den: Callable, x: Tensor, fine: Tensor, cond: Mapping[str, Any] | None = None,
-                      progress: bool = False) -> Tensor:  # fmt: skip
+                      progress: bool = False, sigma_data: float = SIGMA_DATA) -> Tensor:  # fmt: skip
     """The step-cost matrix ``C`` of the calibration noise ``x`` (at ``fine[0]``): the part of the optimisation that
-    does not depend on the step count, so one calibration serves every ``n`` (:func:`optimal_path`)."""
+    does not depend on the step count, so one calibration serves every ``n`` (:func:`optimal_path`). ``sigma_data``:
+    the data's standard deviation in the model's space (0.5 for images in [-1, 1]; about 1 for SD-style latents)."""
     if fine[-1] != 0 or not bool((fine[1:] < fine[:-1]).all()):
         raise InputError("the fine grid must be strictly descending and end in 0")
     states = reference_trajectories(den, x, fine, cond, progress=progress)
-    return step_costs(den, states, fine, cond, progress)
+    return step_costs(den, states, fine, cond, progress, sigma_data)
 
 
 def path_record(fine: Tensor, costs: Tensor, steps: int) -> tuple[Tensor, dict]:
