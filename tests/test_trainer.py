@@ -196,6 +196,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert two.returncode == 0, two.stdout + two.stderr
     records = [json.loads((tmp_path / run / "student" / "training.json").read_text()) for run in ("one", "two")]
     assert records[1]["num_processes"] == 2
+    assert records[0]["machine"]["torch_threads"] == 1 and records[0]["machine"]["cores"] >= 1  # where its minutes were measured
     for x, y in zip(records[0]["history"], records[1]["history"]):
         assert x["loss/student/consistency"] == pytest.approx(y["loss/student/consistency"], rel=1e-4)
 

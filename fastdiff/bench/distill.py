@@ -192,7 +192,7 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
                                        f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
             rows.append({"objective": label, "recipe": path, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
                          "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student"),
-                         "training_of": first})  # fmt: skip
+                         "training_of": first, "trained_on": _trained_on(out / "student")})  # fmt: skip
         return rows
 
     # one cell per training and the rows it serves: a finished training's rows are kept even where its folder is gone,
@@ -204,6 +204,12 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
         shutil.rmtree(runs, ignore_errors=True)
     result["rows"] = rows
     return result
+
+
+def _trained_on(student: Path) -> str | None:
+    """Where a student's minutes were measured (its training.json's machine), as the table prints it."""
+    m = json.loads((student / "training.json").read_text()).get("machine") if (student / "training.json").is_file() else None
+    return f"{m['cpu']}, {m['torch_threads']} torch thread(s)" if m else None
 
 
 def _trainings(recipes: dict[str, tuple]) -> dict[str, list[tuple]]:
@@ -334,7 +340,8 @@ def render_distill(data: dict) -> list[str]:
         f"## Distilled students ({name})",
         "",
         f"Domain FID of {data['num_samples']} samples against the {name} test split, mean ± std over seeds {data['seeds']}; each recipe",
-        f"{where}; minutes are wall-clock on this machine with {data['machine']['torch_threads']} torch thread(s). On every",
+        f"{where}; minutes are each training's wall-clock, on this machine with {data['machine']['torch_threads']} torch thread(s) "
+        "unless the row names another. On every",
         f"row, the shipped teacher at 50 NFE (DDIM): {ms(t)}, and the best fastdiff ODE sampler on the teacher at the same NFE",
         f"(of {', '.join(data['teacher_samplers'])}).",
         "",
@@ -346,6 +353,8 @@ def render_distill(data: dict) -> list[str]:
         recipe = " ".join([f"`{r['recipe']}`", *(f"`--set {o}`" for o in r.get("overrides", ()))])
         if r.get("sampling"):
             recipe += ", sampled with " + ", ".join(f"`{k}={v}`" for k, v in r["sampling"].items()) + f" (the {r['training_of']} row's student)"
+        if r.get("trained_on") and r["trained_on"] != f"{data['machine']['cpu']}, {data['machine']['torch_threads']} torch thread(s)":
+            recipe += f" (trained on {r['trained_on']})"
         samplers = " / ".join(f"{best[k][0]} {_fmt(best[k][1]['mean'])}" for k in steps)
         lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | "
                      + " | ".join(ms(r["fid"][k]) if k in r["fid"] else "-" for k in steps) + f" | {ms(t)} | {samplers} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip

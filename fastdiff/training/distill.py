@@ -171,6 +171,13 @@ OBJECTIVE_SECTIONS = {"ict": ("consistency", "model"), "ilct": ("consistency", "
                       "f_distill": ("dmd",), "ctm": ("ctm",), "reflow": ("reflow",)}  # fmt: skip
 
 
+def _machine() -> dict:
+    """What a training's minutes were measured on (kept in the student's training.json)."""
+    from fastdiff.bench.common import machine
+
+    return {k: v for k, v in machine().items() if k in ("cpu", "cores", "torch_threads", "device")}
+
+
 def recipe_identity(recipe: dict) -> dict:
     """What decides a run of a recipe (as a plain dict): everything but ``expected`` and the sections of the other
     objectives, so that a section fastdiff adds for a new objective leaves earlier checkpoints and students valid."""
@@ -442,6 +449,6 @@ def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out
         "num_processes": record["num_processes"], "wall_minutes_this_run": round(seconds / 60, 2),
         "wall_minutes_all_pieces": round(record["seconds_all_pieces"] / 60, 2),
         "final_eval": evals[-1] if evals else None, "parameters": sum(p.numel() for p in net.parameters()),
-        "history": record["history"][-20:], "torch": torch.__version__,
+        "history": record["history"][-20:], "torch": torch.__version__, "machine": _machine(),
     }, indent=2) + "\n")  # fmt: skip
     tmp.rename(student_dir)
