@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from fastdiff.errors import InputError
+from fastdiff.machine import machine
 
 __all__ = ["BENCH_DIR", "RECIPES_DIR", "FID_SCORED_AS", "machine", "mean_std", "fmt", "atomic_write", "recipe_file", "Cells"]
 
@@ -23,23 +21,6 @@ __all__ = ["BENCH_DIR", "RECIPES_DIR", "FID_SCORED_AS", "machine", "mean_std", "
 BENCH_DIR = Path("benchmarks")
 RECIPES_DIR = Path("recipes")
 FID_SCORED_AS = "uint8 pixels, as saved"  # recorded in every benchmark JSON (see fastdiff.images.to_pixels)
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
 
 
 def mean_std(values: list[float]) -> dict:

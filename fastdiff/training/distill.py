@@ -173,7 +173,7 @@ OBJECTIVE_SECTIONS = {"ict": ("consistency", "model"), "ilct": ("consistency", "
 
 def _machine() -> dict:
     """What a training's minutes were measured on (kept in the student's training.json)."""
-    from fastdiff.bench.common import machine
+    from fastdiff.machine import machine
 
     return {k: v for k, v in machine().items() if k in ("cpu", "cores", "torch_threads", "device")}
 
