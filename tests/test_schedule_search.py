@@ -164,9 +164,12 @@ def test_pipeline_takes_the_schedules_sigmas():
     from fastdiff.pipelines.sampling import make_scheduler
 
     pipe = load_pipeline(pipeline_path("digits"))
-    pipe.scheduler = make_scheduler("ghvb-1.8", dict(pipe.scheduler.config))
-    pipe(class_labels=[1], num_inference_steps=3, sigmas=[60.0, 4.0, 0.3], output_type="latent")
-    assert pipe.scheduler.sigmas.tolist() == [60.0, 4.0, 0.3, 0.0]
+    config, calls = dict(pipe.scheduler.config), []
+    pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    for name in ("ghvb-1.8", "euler"):  # diffusers' Euler reads a list as ending at its last value: 0 is appended
+        pipe.scheduler, calls[:] = make_scheduler(name, config), []
+        pipe(class_labels=[1], num_inference_steps=3, sigmas=[60.0, 4.0, 0.3], output_type="latent")
+        assert pipe.scheduler.sigmas.tolist() == pytest.approx([60.0, 4.0, 0.3, 0.0]) and len(calls) == 3, name
     for name in ("ddim", "unipc"):  # diffusers' UniPC has sigmas= but refuses it on a VP grid: a clear error, not theirs
         pipe.scheduler = make_scheduler(name, dict(pipe.scheduler.config))
         with pytest.raises(InputError, match=f"{type(pipe.scheduler).__name__}.set_timesteps takes no sigmas="):

@@ -11,6 +11,7 @@ carries a two-line ``pipeline.py`` that imports this class (see :func:`save_teac
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -142,12 +143,28 @@ def _custom_grid(scheduler: Any, timesteps: list[float] | None, sigmas: list[flo
     if diffusers_own and getattr(scheduler.config, "use_flow_sigmas", None) is False:  # UniPC: sigmas= on flow grids only
         takes.discard("sigmas")
     if sigmas is not None and "sigmas" in takes:
-        return {"sigmas": list(sigmas)}
+        return {"sigmas": _ending_at_zero(scheduler, list(sigmas))}
     if timesteps is not None and "timesteps" in takes:
         return {"timesteps": [int(round(t)) for t in timesteps] if "sigmas" not in takes else list(timesteps)}
     given = "sigmas" if sigmas is not None else "timesteps"
     raise InputError(f"{type(scheduler).__name__}.set_timesteps takes no {given}=; use a scheduler that takes custom grids "
                      "(fastdiff's, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ...)")  # fmt: skip
+
+
+def _ending_at_zero(scheduler: Any, sigmas: list[float]) -> list[float]:
+    """``sigmas`` (the noise levels the model is evaluated at) as ``scheduler`` must be given them to end at 0.
+
+    diffusers' Euler-family schedulers read a custom list as ending at its last value (their AYS lists end in 0) and
+    would stop short at the last level; fastdiff's and the flow schedulers append the final 0 themselves. Told apart
+    by what the scheduler does with the list (a probe on a copy), not by a list of classes."""
+    if not sigmas or sigmas[-1] == 0:
+        return sigmas
+    probe = copy.deepcopy(scheduler)
+    try:
+        probe.set_timesteps(sigmas=sigmas)
+    except Exception:  # noqa: BLE001 -- e.g. a flow scheduler that needs mu=; the real call reports its own error
+        return sigmas
+    return [*sigmas, 0.0] if len(probe.timesteps) < len(sigmas) else sigmas
 
 
 def _flow_sigmas(scheduler: Any, steps: int) -> dict:

@@ -116,7 +116,7 @@ def refine_schedule(pipe: Any, calibration: dict, record: dict, overrides: dict 
 
         dp_path = optimal_path(calibration["costs"], steps)
         dp_error = error(dp_path)
-        path, refined_error = refine_path(error, dp_path, sweeps, progress)
+        path, refined_error = refine_path(error, dp_path, sweeps, progress, start_error=dp_error)
         grid = _grid(pipe, fine[path])
     finally:
         pipe.scheduler = original

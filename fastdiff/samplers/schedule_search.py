@@ -130,14 +130,15 @@ def optimize_schedule(den: Callable, x: Tensor, fine: Tensor, steps: int, cond: 
     return path_record(fine, calibration_costs(den, x, fine, cond, progress), steps)
 
 
-def refine_path(error: Callable[[list[int]], float], path: list[int], sweeps: int = 2, progress: bool = False) -> tuple[list[int], float]:
+def refine_path(error: Callable[[list[int]], float], path: list[int], sweeps: int = 2, progress: bool = False,
+                start_error: float | None = None) -> tuple[list[int], float]:  # fmt: skip
     """Coordinate descent from ``path`` (indices into the fine grid; the ends stay): each interior point moves to the
     neighbouring fine-grid point above or below while ``error(path)`` -- a solver's end-to-end error on calibration
     noise -- drops; at most ``sweeps`` passes (fewer when one moves nothing). Returns the path and its error; never
-    worse than the start."""
+    worse than the start. ``start_error``: ``error(path)`` where the caller has it already (one solve saved)."""
     from tqdm.auto import tqdm
 
-    best = error(path)
+    best = error(path) if start_error is None else start_error
     for _ in tqdm(range(sweeps), desc="refine", disable=not progress, leave=False):
         moved = False
         for k in range(1, len(path) - 1):
