@@ -278,6 +278,51 @@ def test_dmd2_recipe_refuses_settings_that_would_be_ignored(override, message):
     assert isinstance(objective, DistributionMatching) and scheduler.config.original_inference_steps == 1
 
 
+def test_generator_starts_from_the_given_network():
+    """``generator=``: G starts as that network (DMD2's one-step recipes start from a pre-trained generator), the fake
+    score and the teacher stay the teacher's; another architecture, or the LoRA layout, is refused."""
+    torch.manual_seed(0)
+    teacher, start = tiny_unet(num_class_embeds=4), tiny_unet(num_class_embeds=4)
+    obj = DistributionMatching(teacher, SCHEDULE, "v_prediction", 3, generator=start)
+    assert all(torch.equal(a, b) for a, b in zip(obj.generator.state_dict().values(), start.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(obj.generator.state_dict().values(), teacher.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(obj.fake.state_dict().values(), teacher.state_dict().values()))
+    assert obj.generator is not start and all(p.requires_grad for p in obj.generator.parameters())
+    with pytest.raises(InputError, match="the starting generator must be the teacher's network with other weights"):
+        DistributionMatching(teacher, SCHEDULE, "v_prediction", 3, generator=tiny_unet(num_class_embeds=5))
+    with pytest.raises(InputError, match="needs the three-network layout"):
+        DistributionMatching(teacher, SCHEDULE, "v_prediction", 3, generator=start, lora_rank=4)
+
+
+def test_dmd_generator_init_recipe_key(tmp_path):
+    """``dmd.generator_init``: a student folder of the teacher (here the digits teacher with one weight changed,
+    written by the test) starts G; one that predicts another type is refused, naming both."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from fastdiff.eval.assets import pipeline_path
+    from fastdiff.training.config import load_config
+    from fastdiff.training.distill import DistillRecipe, build_objective
+
+    student = tmp_path / "student"
+    shutil.copytree(pipeline_path("digits"), student)
+    weights = student / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    save_file({**state, name: state[name] + 1}, weights)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "dmd2_digits.yaml"
+    objective, _ = build_objective(load_config(DistillRecipe, recipe, [f"dmd.generator_init={student}"]), 1, 8, 10)
+    torch.testing.assert_close(objective.generator.state_dict()[name], objective.teacher.state_dict()[name] + 1)
+    torch.testing.assert_close(objective.fake.state_dict()[name], objective.teacher.state_dict()[name])
+    config = student / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "epsilon"}))
+    with pytest.raises(InputError, match=f"dmd.generator_init={student} predicts epsilon but the teacher .* predicts v_prediction"):
+        build_objective(load_config(DistillRecipe, recipe, [f"dmd.generator_init={student}"]), 1, 8, 10)
+
+
 def test_lora_layout_shares_one_frozen_base():
     """Generator and fake score as two LoRA adapters on the teacher: at start both compute what the teacher does
     (the same losses as the copies layout), the phases train disjoint adapter parameters, switching adapters leaves

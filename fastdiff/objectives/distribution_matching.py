@@ -105,6 +105,15 @@ def generator_of(net: nn.Module) -> nn.Module:
     return merged.requires_grad_(False)
 
 
+def _check_generator(generator: nn.Module, teacher: nn.Module, lora: bool) -> None:
+    """A starting generator must be the teacher's network (config without ``_name_or_path`` etc.) with other weights."""
+    if generator is not None and lora:
+        raise InputError("a starting generator needs the three-network layout (its weights are not the base's); drop lora_rank")
+    arch = [(type(n), {k: v for k, v in dict(getattr(n, "config", {})).items() if not k.startswith("_")}) for n in (generator if generator is not None else teacher, teacher)]
+    if generator is not None and arch[0] != arch[1]:
+        raise InputError(f"the starting generator must be the teacher's network with other weights; got a {arch[0][0].__name__} of another config")
+
+
 def generator_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
     """The multi-step generator's timesteps ``range(T - 1, 0, -T // K)`` (DMD2's ``denoising_step_list``)."""
     if not 1 <= steps <= num_train_timesteps:
@@ -130,6 +139,8 @@ class DistributionMatching(Objective):
             (rank ``lora_rank``) on the one frozen teacher, which is the base with adapters off. The trained generator
             is :func:`generator_of` the exported network.
         gradient_checkpointing: recompute the generator's and the fake score's activations in the backward pass.
+        generator: ``G``'s starting network, the teacher's architecture (default: the teacher), e.g. a consistency
+            student: DMD2's one-step SD ``G`` starts from a regression-trained one (``train_sd_ode.py``).
     """
 
     phases = ("generator", "critic")
@@ -137,7 +148,8 @@ class DistributionMatching(Objective):
     def __init__(self, teacher: nn.Module, schedule, prediction_type: str, conditioner: Any, *,
                  guidance_scale: float = 1.0, generator_steps: int = 1, dm_range: tuple[float, float] = (0.02, 0.98),
                  divergence: str = "reverse_kl", gan_generator_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
-                 ratio_bins: int = 10, lora_rank: int | None = None, gradient_checkpointing: bool = False):  # fmt: skip
+                 ratio_bins: int = 10, lora_rank: int | None = None, gradient_checkpointing: bool = False,
+                 generator: nn.Module | None = None):  # fmt: skip
         super().__init__()
         check_choice("divergence", divergence, tuple(F_DIVERGENCES))
         if divergence != "reverse_kl" and gan_critic_weight <= 0:
@@ -149,11 +161,12 @@ class DistributionMatching(Objective):
         if not 0 <= lo <= hi < n:
             raise InputError(f"dm_range={dm_range} must give 0 <= min_step <= max_step < {n}; got {lo}..{hi}")
         self.lora = lora_rank is not None
+        _check_generator(generator, teacher, self.lora)
         if self.lora:  # one frozen base: the teacher with adapters off, the generator and the fake score as adapters
             self.net = _with_adapters(teacher.requires_grad_(False), ROLES[1:], lora_rank)
         else:
             self.teacher = teacher.requires_grad_(False)
-            self.generator = copy.deepcopy(teacher).requires_grad_(True)
+            self.generator = copy.deepcopy(teacher if generator is None else generator).requires_grad_(True)
             self.fake = copy.deepcopy(teacher).requires_grad_(True)
         if gradient_checkpointing:
             for role in ROLES[1:]:

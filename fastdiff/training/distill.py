@@ -81,6 +81,7 @@ class DMDConfig:
     gan_critic_weight: float = 1e-2
     lora_rank: int | None = None  # the one-frozen-base layout: generator and fake score as LoRA adapters of this rank
     gradient_checkpointing: bool = False
+    generator_init: str | None = None  # a student folder of the same teacher (e.g. the CD student) that G starts from
 
 
 @dataclass
@@ -156,14 +157,14 @@ class DistillRecipe:
     expected: str = ""
 
 
-def _load_teacher(path: str):
+def _load_teacher(path: str, key: str = "distill.teacher"):
     """The teacher folder: a path, a shipped teacher's name, or ``assets/teachers/...`` (see :func:`pipeline_path`)."""
     from fastdiff.eval.assets import pipeline_path
     from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, load_pipeline
 
     pipe = load_pipeline(pipeline_path(path))
     if not isinstance(pipe, ClassConditionalPipeline):
-        raise InputError(f"distill.teacher={path} is a {type(pipe).__name__}; expected a fastdiff class-conditional teacher folder")
+        raise InputError(f"{key}={path} is a {type(pipe).__name__}; expected a fastdiff class-conditional teacher folder")
     return pipe
 
 
@@ -213,7 +214,7 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
     if recipe.objective == "reflow":
         return _reflow(recipe, channels, size, num_classes)
     d = recipe.distill
-    pipe, config = _teacher_for(d.teacher, recipe, channels, size, num_classes)
+    pipe, config = _teacher_for(d.teacher, recipe, channels, size, num_classes, "distill.teacher")
     cd = dict(num_ddim_timesteps=d.num_ddim_timesteps, guidance_scale=d.guidance_scale, target_ema=d.target_ema, loss=d.loss,
               huber_c=d.huber_c, p_uncond=recipe.p_uncond)  # fmt: skip
     teacher = (pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes)
@@ -230,11 +231,12 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
     return objective, _lcm_scheduler(config, d.num_ddim_timesteps)
 
 
-def _teacher_for(path: str, recipe: DistillRecipe, channels: int, size: int, num_classes: int):
-    """The teacher pipeline at ``path`` and its scheduler config, refused unless it makes the data's images and classes."""
-    pipe = _load_teacher(path)
+def _teacher_for(path: str, recipe: DistillRecipe, channels: int, size: int, num_classes: int, key: str):
+    """The teacher pipeline at ``path`` and its scheduler config, refused unless it makes the data's images and classes
+    (``key``: the recipe key that named it, for the error)."""
+    pipe = _load_teacher(path, key)
     if pipe.image_shape != (channels, size, size) or pipe.num_classes != num_classes:
-        raise InputError(f"teacher {path} makes {pipe.image_shape} images with {pipe.num_classes} classes, but data "
+        raise InputError(f"{key} {path} makes {pipe.image_shape} images with {pipe.num_classes} classes, but data "
                          f"{recipe.data.name} has {(channels, size, size)} with {num_classes}")  # fmt: skip
     return pipe, dict(pipe.scheduler.config)
 
@@ -253,14 +255,26 @@ def _distribution_matching(recipe: DistillRecipe, channels: int, size: int, num_
     if max(recipe.eval.steps) > m.generator_steps:
         raise InputError(f"eval.steps={list(recipe.eval.steps)} asks for more steps than the generator has "
                          f"(dmd.generator_steps={m.generator_steps}); evaluate at most that many")  # fmt: skip
-    pipe, config = _teacher_for(m.teacher, recipe, channels, size, num_classes)
+    pipe, config = _teacher_for(m.teacher, recipe, channels, size, num_classes, "dmd.teacher")
     objective = DistributionMatching(
         pipe.model, VPSchedule.from_config(config), config.get("prediction_type", "epsilon"), num_classes,
         guidance_scale=m.guidance_scale, generator_steps=m.generator_steps, dm_range=m.dm_range, divergence=divergence,
         gan_generator_weight=m.gan_generator_weight, gan_critic_weight=m.gan_critic_weight, lora_rank=m.lora_rank,
-        gradient_checkpointing=m.gradient_checkpointing,
+        gradient_checkpointing=m.gradient_checkpointing, generator=_starting_generator(m, recipe, channels, size, num_classes, config),
     )  # fmt: skip
     return objective, _lcm_scheduler(config, m.generator_steps)
+
+
+def _starting_generator(m: DMDConfig, recipe: DistillRecipe, channels: int, size: int, num_classes: int, config: dict):
+    """``dmd.generator_init``'s network (``None``: G starts as the teacher), refused unless it predicts as the teacher."""
+    if m.generator_init is None:
+        return None
+    student, student_config = _teacher_for(m.generator_init, recipe, channels, size, num_classes, "dmd.generator_init")
+    want, got = config.get("prediction_type", "epsilon"), student_config.get("prediction_type", "epsilon")
+    if got != want:
+        raise InputError(f"dmd.generator_init={m.generator_init} predicts {got} but the teacher {m.teacher} predicts {want}; "
+                         "start from a student of this teacher")  # fmt: skip
+    return student.model
 
 
 def _trajectory(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
@@ -271,7 +285,7 @@ def _trajectory(recipe: DistillRecipe, channels: int, size: int, num_classes: in
     from fastdiff.schedules import VPSchedule
 
     c = recipe.ctm
-    pipe, config = _teacher_for(c.teacher, recipe, channels, size, num_classes)
+    pipe, config = _teacher_for(c.teacher, recipe, channels, size, num_classes, "ctm.teacher")
     distance = perceptual_distance(c.distance, recipe.data.name, c.lpips_weights)
     gan = c.gan_weight != 0
     objective = ConsistencyTrajectory(
@@ -291,7 +305,7 @@ def _reflow(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
     from fastdiff.samplers.diffusers import ReflowScheduler
 
     r = recipe.reflow
-    pipe, config = _teacher_for(r.teacher, recipe, channels, size, num_classes)
+    pipe, config = _teacher_for(r.teacher, recipe, channels, size, num_classes, "reflow.teacher")
     distance = perceptual_distance(r.distance, recipe.data.name, r.lpips_weights) if r.loss == "lpips_huber" else None
     objective = Reflow(pipe.model, config, num_classes, loss=r.loss, distance=distance, t_distribution=r.t_distribution, a=r.a,
                        p_uncond=recipe.p_uncond)  # fmt: skip
