@@ -54,14 +54,11 @@ OPTIMISED_ENTRIES = ("GHVB 3.8 (order 4, beta 0.8)", "GHVB 1.8 (order 2, beta 0.
                      "HB-DPM-Solver++(2M) (beta 0.8)", "UniPC-HB (order 2, beta 0.8)", "iPNDM", "iPNDM-v (variable-step)",
                      "DPM-Solver++(2M)", "Euler")  # fmt: skip
 # the solvers whose DP schedule is then fitted to the solver itself (refine_schedule: coordinate descent on its end-to-end
-# error, 8 calibration images; each fitted row costs 1-4 CPU-minutes at w > 1): fastdiff's order-4 and order-2 GHVB (the
-# first loses on the DP schedule at w = 1, the second is the never-diverging candidate) and diffusers' best,
-# DPM-Solver++(2M), so the comparison stays like for like; REFINE: (images, sweeps)
+# error, 8 calibration images: 4-25 s per row at w = 1, less than the row's 250-image evaluation): fastdiff's order-4
+# and order-2 GHVB (the first loses on the DP schedule at w = 1, the second is the never-diverging candidate) and
+# diffusers' best, DPM-Solver++(2M), so the comparison stays like for like; REFINE: (images, sweeps)
 REFINED_ENTRIES = ("GHVB 3.8 (order 4, beta 0.8)", "GHVB 1.8 (order 2, beta 0.8)", "DPM-Solver++(2M)")
 REFINE = (8, 2)
-# the guidance scales the fitted rows are measured at: 1, where the order-4 solvers lose on the DP schedule (at w >= 3
-# GHVB 3.8 diverges on either schedule); guided fitting costs twice as much per row
-REFINED_GUIDANCE = (1.0,)
 REFERENCE = ("DPM-Solver++(2M)", "dpmpp-2m", 50)  # the converged samples each guidance scale is compared with
 
 
@@ -121,9 +118,8 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
     opt_nfes = [k for k in OPTIMISED_NFE if k in nfes] if not quick else [nfes[0]]
     opt_entries = [e for e in SAMPLER_ENTRIES if e[0] in OPTIMISED_ENTRIES]
     refined_entries = [e for e in SAMPLER_ENTRIES if e[0] in REFINED_ENTRIES]
-    per_guidance = len(runs) + 1 + len(opt_entries) * len(opt_nfes) + 1
-    fitted_rows = len(refined_entries) * len(opt_nfes) * sum(g in REFINED_GUIDANCE for g in guidances)
-    bar = tqdm(total=per_guidance * len(guidances) + fitted_rows, desc="samplers", disable=not progress)
+    per_guidance = len(runs) + 1 + (len(opt_entries) + len(refined_entries)) * len(opt_nfes) + 1
+    bar = tqdm(total=per_guidance * len(guidances), desc="samplers", disable=not progress)
     rows, references, ref_cache = [], {}, {}
 
     def reference(g):  # the converged samples of guidance g and their features, drawn once (where a cell needs them)
@@ -163,7 +159,7 @@ def bench_samplers(quick: bool = False, progress: bool = True, num_samples: int 
             bar.update()
     calibrations: dict = {}  # guidance -> (calibration, refinement reference), made where a fitted cell needs them
     optimised["refined_rows"] = []
-    for g in (g for g in guidances if g in REFINED_GUIDANCE):  # the DP schedule fitted to each solver itself
+    for g in guidances:  # the DP schedule fitted to each solver itself
         for (label, name, overrides, extra), nfe in ((e, k) for e in refined_entries for k in opt_nfes):
 
             def fitted():
@@ -475,8 +471,7 @@ def _render_optimised(data: dict) -> list[str]:
     if fits:
         lines[-1:-1] = ["Rows *schedule fitted to it*: that DP schedule fitted to the solver itself (`--refine`: coordinate descent on the",
                         f"solver's end-to-end error against DPM-Solver++(2M) at 50 NFE on {REFINE[0]} calibration images, {REFINE[1]} sweeps), "
-                        f"{min(fits):.0f}-{max(fits):.0f} s per (solver, NFE, guidance) on top of the calibration; measured at guidance "
-                        + ", ".join(sorted({f"{r['guidance']:g}" for r in opt["refined_rows"]})) + "."]  # fmt: skip
+                        f"{min(fits):.0f}-{max(fits):.0f} s per (solver, NFE, guidance) on top of the calibration."]  # fmt: skip
     for g in data["guidance"]:
         default, tuned = _cells(data, g), {}
         for r in opt["rows"] + opt.get("refined_rows", []):
