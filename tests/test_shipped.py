@@ -15,7 +15,7 @@ from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 from fastdiff.eval.sources import load_source, source_features
 from fastdiff.pipelines.class_conditional import load_pipeline
 from fastdiff.eval.metrics import fid_of_samples
-from fastdiff.quickstart import QuickstartConfig, run_quickstart
+from fastdiff.quickstart import QUICKSTART_SOLVER, QuickstartConfig, run_quickstart
 from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
 TEACHERS = ["digits", "fashion-mnist", "fashion-mnist-dit"]
@@ -172,8 +172,27 @@ def test_fashion_mnist_ships_the_quickstarts_optimised_schedules(steps):
     from fastdiff.quickstart import QuickstartConfig as Config
 
     assert steps in Config().steps
-    record = shipped_schedule("fashion-mnist", "ghvb-1.8", steps, 1.0)
+    record = shipped_schedule("fashion-mnist", QUICKSTART_SOLVER, steps, 1.0)
     assert record is not None and len(record["sigmas"]) == steps and record["sigmas"] == sorted(record["sigmas"], reverse=True)
+
+
+def test_quickstart_solver_is_the_benchmarks_recommended_setting():
+    """The quickstart shows fastdiff's solver of the setting `fastdiff bench samplers` recommends (benchmarks/samplers.json),
+    with the same scheduler config, on a shipped schedule of the same kind (DP-optimised, or fitted to the solver)."""
+    from pathlib import Path
+
+    from fastdiff.bench.samplers import SAMPLER_ENTRIES, optimised_targets
+    from fastdiff.eval.assets import shipped_schedule, teacher_path
+    from fastdiff.pipelines.sampling import make_scheduler
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "samplers.json").read_text())
+    recommended = optimised_targets(data)["recommended"]
+    label, _, schedule = recommended.partition(" + ")
+    _, name, overrides, _ = next(e for e in SAMPLER_ENTRIES if e[0] == label)
+    config = json.loads((teacher_path("fashion-mnist") / "scheduler" / "scheduler_config.json").read_text())
+    assert dict(make_scheduler(QUICKSTART_SOLVER, config).config) == dict(make_scheduler(name, config, **overrides).config), recommended
+    fitted = [bool(shipped_schedule("fashion-mnist", QUICKSTART_SOLVER, k, 1.0)["calibration"].get("refined")) for k in (4, 8)]
+    assert fitted == [schedule == "fitted schedule"] * 2, recommended
 
 
 def test_quickstart_refuses_a_student_of_another_teacher_before_sampling(tmp_path, monkeypatch):
