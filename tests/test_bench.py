@@ -233,6 +233,21 @@ def test_distill_rows_train_in_their_own_folders_and_take_a_finished_student(tmp
         _train(path, [f"output_dir={out}"], False, False, Cells(None, resume=True), 8)
 
 
+def test_scott_row_without_adversary_passes_the_trainers_phase_check():
+    """The row turns the adversary off and with it the recipe's discriminator optimiser (the trainer refuses a
+    phase_optim entry for a phase the objective does not have: the row failed at its start before)."""
+    from fastdiff.bench.distill import DISTILL_RECIPES
+    from fastdiff.training.config import load_config
+    from fastdiff.training.distill import DistillRecipe, build_objective
+    from fastdiff.training.trainer import _check_phases
+
+    path, overrides = DISTILL_RECIPES["SCott without adversary"][:2]
+    recipe = load_config(DistillRecipe, Path(__file__).resolve().parent.parent / path, list(overrides))
+    objective, _ = build_objective(recipe, 1, 8, 10)
+    _check_phases(objective, recipe.trainer)
+    assert objective.phases == ("student",)
+
+
 def _fake_benchmark(monkeypatch):
     """Register a benchmark ``fake`` whose section links a plot the way the real renderers do."""
     import fastdiff.bench as bench

@@ -45,7 +45,7 @@ DISTILL_RECIPES = {
     "SCott eta=0": ("recipes/scott_digits.yaml", ("scott.eta=0",)),
     "SCott eta=1": ("recipes/scott_digits.yaml", ("scott.eta=1",)),
     "SCott h=1": ("recipes/scott_digits.yaml", ("scott.substeps=1",)),
-    "SCott without adversary": ("recipes/scott_digits.yaml", ("scott.adversarial_weight=0",)),
+    "SCott without adversary": ("recipes/scott_digits.yaml", ("scott.adversarial_weight=0", "trainer.phase_optim={}")),  # no discriminator phase
     "DMD2": ("recipes/dmd2_digits.yaml", ()),
     "DMD2 4-step": ("recipes/dmd2_digits.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
     "DMD2 TTUR 1": ("recipes/dmd2_digits.yaml", ("trainer.phase_optim.generator.update_every=1",)),
