@@ -105,13 +105,13 @@ def generator_of(net: nn.Module) -> nn.Module:
     return merged.requires_grad_(False)
 
 
-def _check_generator(generator: nn.Module, teacher: nn.Module, lora: bool) -> None:
+def _check_generator(generator: nn.Module | None, teacher: nn.Module, lora: bool) -> None:
     """A starting generator must be the teacher's network (config without ``_name_or_path`` etc.) with other weights."""
+    arch = lambda net: (type(net), {k: v for k, v in dict(getattr(net, "config", {})).items() if not k.startswith("_")})  # noqa: E731
     if generator is not None and lora:
         raise InputError("a starting generator needs the three-network layout (its weights are not the base's); drop lora_rank")
-    arch = [(type(n), {k: v for k, v in dict(getattr(n, "config", {})).items() if not k.startswith("_")}) for n in (generator if generator is not None else teacher, teacher)]
-    if generator is not None and arch[0] != arch[1]:
-        raise InputError(f"the starting generator must be the teacher's network with other weights; got a {arch[0][0].__name__} of another config")
+    if generator is not None and arch(generator) != arch(teacher):
+        raise InputError(f"the starting generator must be the teacher's network with other weights; got a {type(generator).__name__} of another config")
 
 
 def generator_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
