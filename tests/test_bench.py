@@ -233,6 +233,39 @@ def test_distill_rows_train_in_their_own_folders_and_take_a_finished_student(tmp
         _train(path, [f"output_dir={out}"], False, False, Cells(None, resume=True), 8)
 
 
+def test_distill_finished_only_assembles_the_finished_trainings_and_computes_nothing(tmp_path, monkeypatch):
+    """--finished-only writes the JSON and report from the partial file's finished trainings: nothing is trained or
+    scored, the trainings without a cell are listed as not run (in the table's order), and the partial file is kept for
+    the runs still to come. Without the teacher's cells, or without a partial file, it is refused by name."""
+    import fastdiff.bench.distill as distill
+    from fastdiff.bench import run_bench
+    from fastdiff.cli import main
+
+    stats = {"mean": 4.0, "std": 0.5, "values": [4.0]}
+    seeds, n = (0, 1, 2), distill.DISTILL_SETS["digits"].num_samples
+    teacher = [distill.teacher_cell(n, "ddim", {}, 50)] + [distill.teacher_cell(n, s, o, k) for _, s, o in distill.TEACHER_SAMPLERS for k in (1, 2, 4)]
+    row = {"objective": "CD (LCM-style)", "recipe": "recipes/cd_digits.yaml", "overrides": [], "sampling": {}, "steps": 10, "batch_size": 8,
+           "wall_minutes": 1.0, "fid": {"1": stats, "2": stats}, "training_of": "CD (LCM-style)"}  # fmt: skip
+    cells = [{"key": f"{key} seeds={list(seeds)}", "value": stats} for key in teacher]
+    cells.append({"key": distill.training_cell(n, seeds, "CD (LCM-style)"), "value": [row]})
+    partial = tmp_path / "distill.partial.jsonl"
+    partial.write_text("".join(json.dumps(c) + "\n" for c in cells))
+    monkeypatch.setattr(distill, "_train", lambda *a, **k: pytest.fail("--finished-only trained a row"))
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    path = run_bench("distill", False, False, tmp_path, tmp_path / "B.md", None, recipes, finished_only=True)
+    data = json.loads(path.read_text())
+    assert [r["objective"] for r in data["rows"]] == ["CD (LCM-style)"]
+    assert data["not_run"] == [label for label in distill.DISTILL_RECIPES if label != "CD (LCM-style)"]
+    assert partial.read_text() == "".join(json.dumps(c) + "\n" for c in cells)  # kept, untouched
+    assert "Not yet run (assembled from the finished trainings" in (tmp_path / "B.md").read_text()
+    partial.write_text(json.dumps(cells[-1]) + "\n")  # the trainings but not the teacher
+    with pytest.raises(InputError, match="no finished teacher FIDs"):
+        run_bench("distill", False, False, tmp_path, tmp_path / "B.md", None, recipes, finished_only=True)
+    assert main(["bench", "distill", "--finished-only", "--out", str(tmp_path / "empty")]) == 2
+    with pytest.raises(InputError, match="distill benchmark"):
+        run_bench("samplers", False, False, tmp_path, finished_only=True)
+
+
 def test_scott_row_without_adversary_passes_the_trainers_phase_check():
     """The row turns the adversary off and with it the recipe's discriminator optimiser (the trainer refuses a
     phase_optim entry for a phase the objective does not have: the row failed at its start before)."""

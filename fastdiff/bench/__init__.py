@@ -110,20 +110,34 @@ def _update_readme(readme: Path, lines: list[str]) -> None:
     atomic_write(readme, text[:start] + "\n" + body + "\n" + text[end:])
 
 
+def _check_finished_only(name: str, finished_only: bool, shard: tuple[int, int] | None, partial: Path) -> None:
+    if not finished_only:
+        return
+    if not name.startswith("distill") or shard is not None:
+        raise InputError(f"--finished-only assembles a distill benchmark's finished trainings (without --shard); got `fastdiff bench {name}`"
+                         + (" --shard" if shard is not None else ""))  # fmt: skip
+    if not partial.is_file():
+        raise InputError(f"--finished-only: no {partial} to assemble; run `fastdiff bench {name} --shard I/K` or `--rows` first "
+                         "(or pass --out, the folder they wrote to)")  # fmt: skip
+
+
 def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BENCH_DIR, report: Path = REPORT,
               readme: Path | None = README, recipes: Path = RECIPES_DIR, resume: bool = False,
-              shard: tuple[int, int] | None = None, rows: list[str] | None = None) -> Path | None:  # fmt: skip
+              shard: tuple[int, int] | None = None, rows: list[str] | None = None, finished_only: bool = False) -> Path | None:  # fmt: skip
     """Run benchmark ``name``, write its JSON into ``out_dir`` and, unless ``quick``, regenerate ``report`` and the
     benchmark section of ``readme`` from that folder. ``recipes``: where benchmarks that train find the recipes;
     ``resume``: a resumable benchmark continues from the cells its killed run left in ``out_dir/NAME.partial.jsonl``
     (a benchmark that trains continues its runs from their checkpoints). ``shard=(i, k)``: compute only shard ``i`` of
     ``k`` of a resumable benchmark's cells into that file (run the ``k`` shards at once, then ``resume`` assembles the
-    JSON); returns ``None``, writing no JSON. ``rows``: a distill benchmark runs (and its JSON holds) only these rows."""
+    JSON); returns ``None``, writing no JSON. ``rows``: a distill benchmark runs (and its JSON holds) only these rows.
+    ``finished_only``: a distill benchmark's JSON and report from the trainings finished in that file, computing
+    nothing (the rows still to run are listed; the file is kept)."""
     bench = BENCHMARKS[name]
     out_dir = Path(out_dir)
     stem = f"{name}{'-quick' if quick else ''}"
     options: dict = {"recipes": recipes} if bench.uses_recipes else {}
-    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume, shard) if bench.resumable else None
+    _check_finished_only(name, finished_only, shard, out_dir / f"{stem}.partial.jsonl")
+    cells = Cells(out_dir / f"{stem}.partial.jsonl", resume, shard, finished_only) if bench.resumable else None
     if cells is not None:
         options["cells"] = cells
     elif resume or shard:
@@ -141,7 +155,7 @@ def run_bench(name: str, quick: bool, progress: bool = True, out_dir: Path = BEN
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     atomic_write(path, json.dumps(data, indent=2) + "\n")
-    if cells is not None and rows is None:  # a subset of rows keeps the cells, for the next subset or the full run
+    if cells is not None and rows is None and not finished_only:  # a subset keeps the cells, for the next subset or the full run
         cells.done()
     if not quick:
         write_report(out_dir, report, readme)

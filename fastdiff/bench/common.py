@@ -63,10 +63,12 @@ class Cells:
 
     ``shard=(i, k)``: this process computes only the cells whose key hashes to ``i`` modulo ``k`` (the others return
     ``None``), so ``k`` processes on one file split a benchmark; a plain ``--resume`` run then assembles the JSON.
+    ``finished_only``: nothing is computed, every cell not in the file returns ``None`` (assembling what is finished).
     A line is appended with one ``write`` on a file opened for appending, so concurrent shards do not interleave."""
 
-    def __init__(self, path: Path | None, resume: bool = False, shard: tuple[int, int] | None = None):
-        self.path, self.resume, self.found, self.shard = path, resume or shard is not None, {}, shard  # shards share the file
+    def __init__(self, path: Path | None, resume: bool = False, shard: tuple[int, int] | None = None, finished_only: bool = False):
+        self.path, self.found, self.shard, self.finished_only = path, {}, shard, finished_only
+        self.resume = resume or shard is not None or finished_only  # shards share the file
         if path is None or not path.is_file():
             return
         if not self.resume:
@@ -83,6 +85,8 @@ class Cells:
         """``every_shard``: a cell every shard needs (computed by each that lacks it) rather than one to split."""
         if key in self.found:
             return self.found[key]
+        if self.finished_only:
+            return None
         if self.shard is not None and not every_shard and zlib.crc32(key.encode()) % self.shard[1] != self.shard[0]:
             return None  # another shard's cell
         value = compute()

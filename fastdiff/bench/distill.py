@@ -159,7 +159,8 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
     from fastdiff.pipelines.sampling import sample_pipeline
 
     spec, cells = DISTILL_SETS[name], cells or Cells(None)
-    chosen = chosen_rows(spec.recipes, rows, "distill" if name == "digits" else f"distill-{name}")
+    bench = "distill" if name == "digits" else f"distill-{name}"
+    chosen = chosen_rows(spec.recipes, rows, bench)
     paths = {label: recipe_file(row[0], recipes) for label, row in chosen.items()}  # all found before any work
     seeds = (0,) if quick else (0, 1, 2)
     n = 60 if quick else spec.num_samples
@@ -174,12 +175,13 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
             teacher.scheduler = make_scheduler(sampler, base, **overrides)
             return _fid_seeds(lambda s: sample_pipeline(teacher, n, k, 1.0, s).images, extractor, reference, seeds, cells, key)
 
-        key = f"n={n} teacher {sampler} {sorted(overrides.items())} nfe={k}"
+        key = teacher_cell(n, sampler, overrides, k)
         return cells(f"{key} seeds={list(seeds)}", compute)
 
     result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": n, "seeds": list(seeds), "student_steps": list(steps),
               "teacher_50nfe": teacher_fid("ddim", {}, 50)}  # fmt: skip
     result["teacher_samplers"] = {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}
+    _check_teacher_finished(result, cells, bench)
     runs = spec.runs if not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
 
     def score(first, group):  # train once (in the first row's folder), score every row that samples that training
@@ -199,14 +201,36 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
         return rows
 
     # one cell per training and the rows it serves: a finished training's rows are kept even where its folder is gone,
-    # and --shard splits the trainings
-    rows = []
+    # and --shard splits the trainings; with --finished-only, a training without its cell is "not run" (its labels)
+    rows, not_run = [], []
     for first, group in _trainings(chosen).items():
-        rows += cells(f"n={n} seeds={list(seeds)} rows of {first}", lambda first=first, group=group: score(first, group)) or []
+        done = cells(training_cell(n, seeds, first), lambda first=first, group=group: score(first, group))
+        rows += done or []
+        not_run += [label for label, *_ in group] if done is None else []
     if quick:
         shutil.rmtree(runs, ignore_errors=True)
-    result["rows"] = rows
-    return result
+    return {**result, "rows": rows, "not_run": not_run}
+
+
+def teacher_cell(n: int, sampler: str, overrides: dict, nfe: int) -> str:
+    """The key of the teacher's FID with ``sampler`` at ``nfe`` (one seed's: ``+ " seed=S"``; all: ``+ " seeds=[...]"``)."""
+    return f"n={n} teacher {sampler} {sorted(overrides.items())} nfe={nfe}"
+
+
+def training_cell(n: int, seeds: tuple[int, ...], first: str) -> str:
+    """The key of one training's scored rows (the training runs in its first row's folder)."""
+    return f"n={n} seeds={list(seeds)} rows of {first}"
+
+
+def _check_teacher_finished(result: dict, cells: Any, bench: str) -> None:
+    """Assembling what is finished (cells that compute nothing) needs the teacher's FIDs, which every row is read
+    against."""
+    from fastdiff.errors import InputError
+
+    scores = [result["teacher_50nfe"], *(v for s in result["teacher_samplers"].values() for v in s.values())]
+    if cells.finished_only and any(v is None for v in scores):  # (a shard leaves others' cells None)
+        raise InputError(f"{cells.path} holds no finished teacher FIDs for `fastdiff bench {bench}`: nothing to assemble; run "
+                         f"`fastdiff bench {bench} --resume --rows LABEL` (or its --shard I/K) first")  # fmt: skip
 
 
 def _trained_on(student: Path) -> str | None:
@@ -361,6 +385,10 @@ def render_distill(data: dict) -> list[str]:
         samplers = " / ".join(f"{best[k][0]} {_fmt(best[k][1]['mean'])}" for k in steps)
         lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | "
                      + " | ".join(ms(r["fid"][k]) if k in r["fid"] else "-" for k in steps) + f" | {ms(t)} | {samplers} | {r['fid']['1']['mean'] / t['mean']:.1f}x |")  # fmt: skip
+    if data.get("not_run"):
+        command = "distill" if name == "digits" else f"distill-{name}"
+        lines += ["", f"Not yet run (assembled from the finished trainings with `fastdiff bench {command} --finished-only`): "
+                  + ", ".join(data["not_run"]) + f"; `fastdiff bench {command} --resume --rows LABEL ...` runs them."]  # fmt: skip
     lines += _divergence_ranking(data["rows"])
     o = data.get("trainer_overhead")
     if o:

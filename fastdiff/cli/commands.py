@@ -202,7 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {write_report(Path(args.out), Path(args.report), Path(args.readme))}")
         return
     path = run_bench(args.name, args.quick, progress=not args.no_progress, out_dir=Path(args.out), report=Path(args.report),
-                     readme=Path(args.readme), recipes=Path(args.recipes), resume=args.resume, shard=args.shard, rows=args.rows)  # fmt: skip
+                     readme=Path(args.readme), recipes=Path(args.recipes), resume=args.resume, shard=args.shard, rows=args.rows,
+                     finished_only=args.finished_only)  # fmt: skip
     print(f"wrote {path}" if path else f"shard {args.shard[0]}/{args.shard[1]} done; its cells are in {args.out}/{args.name}.partial.jsonl")
 
 

@@ -191,6 +191,9 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--rows", nargs="+", metavar="LABEL",
                    help="distill, distill-fashion-mnist: run only these rows (labels as in the table, e.g. DMD2 'DMD2 4-step'); "
                         "the JSON and the report hold only them")  # fmt: skip
+    p.add_argument("--finished-only", action="store_true",
+                   help="distill, distill-fashion-mnist: write the JSON and report from the trainings finished in --out's NAME.partial.jsonl "
+                        "(by --shard or --rows runs), computing nothing; the rows still to run are listed and the file is kept")  # fmt: skip
     p.set_defaults(func=commands.cmd_bench)
 
 
