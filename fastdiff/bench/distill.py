@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -151,65 +152,88 @@ def chosen_rows(recipes: dict[str, tuple], rows: list[str] | None, bench: str) -
 
 def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cells: Any = None, rows: list[str] | None = None) -> dict:
     from fastdiff.bench.common import Cells, machine, recipe_file
-    from fastdiff.eval.assets import teacher_path
     from fastdiff.eval.extractors import load_extractor
     from fastdiff.eval.sources import load_source, source_features
-    from fastdiff.pipelines import make_scheduler
-    from fastdiff.pipelines.class_conditional import load_pipeline
-    from fastdiff.pipelines.sampling import sample_pipeline
 
     spec, cells = DISTILL_SETS[name], cells or Cells(None)
     bench = "distill" if name == "digits" else f"distill-{name}"
     chosen = chosen_rows(spec.recipes, rows, bench)
     paths = {label: recipe_file(row[0], recipes) for label, row in chosen.items()}  # all found before any work
-    seeds = (0,) if quick else (0, 1, 2)
-    n = 60 if quick else spec.num_samples
-    steps = spec.student_steps
     extractor = load_extractor(name)
-    reference = source_features(load_source(f"{name}:test", 1), extractor)
+    scorer = _Scorer(extractor, source_features(load_source(f"{name}:test", 1), extractor), 60 if quick else spec.num_samples,
+                     (0,) if quick else (0, 1, 2), cells)  # fmt: skip
+    result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": scorer.n, "seeds": list(scorer.seeds),
+              "student_steps": list(spec.student_steps), **_teacher_scores(name, scorer, spec.student_steps)}  # fmt: skip
+    _check_teacher_finished(result, cells, bench)
+    runs = spec.runs if not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
+    # one cell per training and the rows it serves: a finished training's rows are kept even where its folder is gone,
+    # and --shard splits the trainings; with --finished-only, a training without its cell is "not run" (its labels)
+    rows, not_run = [], []
+    for first, group in _trainings(chosen).items():
+        train_and_score = partial(_score_training, group, paths[first], runs / run_folder(first), scorer, spec.student_steps, quick, progress)
+        done = cells(training_cell(scorer.n, scorer.seeds, first), train_and_score)
+        rows += done or []
+        not_run += [label for label, *_ in group] if done is None else []
+    if quick:
+        shutil.rmtree(runs, ignore_errors=True)
+    return {**result, "rows": rows, "not_run": not_run}
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What every FID of one run shares: the domain extractor, the test split's features, samples per FID, seeds, and
+    the cells each seed's FID is kept in."""
+
+    extractor: Any
+    reference: Any
+    n: int
+    seeds: tuple[int, ...]
+    cells: Any
+
+    def fid(self, sample, key: str) -> dict:
+        """The FID of ``sample(seed)`` over the seeds (mean and spread), each seed's kept as the cell ``key seed=S``."""
+        return _fid_seeds(sample, self.extractor, self.reference, self.seeds, self.cells, key)
+
+
+def _teacher_scores(name: str, scorer: _Scorer, steps: tuple[int, ...]) -> dict:
+    """The shipped teacher at 50 NFE (DDIM) and with each of :data:`TEACHER_SAMPLERS` at the students' step counts."""
+    from fastdiff.eval.assets import teacher_path
+    from fastdiff.pipelines import make_scheduler
+    from fastdiff.pipelines.class_conditional import load_pipeline
+    from fastdiff.pipelines.sampling import sample_pipeline
+
     teacher = load_pipeline(teacher_path(name))
     base = dict(teacher.scheduler.config)
 
     def teacher_fid(sampler, overrides, k):
         def compute():
             teacher.scheduler = make_scheduler(sampler, base, **overrides)
-            return _fid_seeds(lambda s: sample_pipeline(teacher, n, k, 1.0, s).images, extractor, reference, seeds, cells, key)
+            return scorer.fid(lambda s: sample_pipeline(teacher, scorer.n, k, 1.0, s).images, key)
 
-        key = teacher_cell(n, sampler, overrides, k)
-        return cells(f"{key} seeds={list(seeds)}", compute)
+        key = teacher_cell(scorer.n, sampler, overrides, k)
+        return scorer.cells(f"{key} seeds={list(scorer.seeds)}", compute)
 
-    result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": n, "seeds": list(seeds), "student_steps": list(steps),
-              "teacher_50nfe": teacher_fid("ddim", {}, 50)}  # fmt: skip
-    result["teacher_samplers"] = {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}
-    _check_teacher_finished(result, cells, bench)
-    runs = spec.runs if not quick else Path(tempfile.mkdtemp(prefix="fastdiff-bench-distill-"))
+    return {"teacher_50nfe": teacher_fid("ddim", {}, 50),
+            "teacher_samplers": {label: {str(k): teacher_fid(s, o, k) for k in steps} for label, s, o in TEACHER_SAMPLERS}}  # fmt: skip
 
-    def score(first, group):  # train once (in the first row's folder), score every row that samples that training
-        path, switches = group[0][1], group[0][2]
-        out = runs / run_folder(first)
-        recipe, minutes = _train(paths[first], [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, cells, n)
-        rows = []
-        for label, _, _, sampling in group:
-            pipe = load_pipeline(out / "student")
-            if sampling:
-                pipe.scheduler = _sampling_scheduler(pipe.scheduler, sampling)
-            fids = {str(k): _fid_seeds(lambda s, k=k: _student_samples(recipe, pipe, n, k, s), extractor, reference, seeds, cells,
-                                       f"n={n} {label} {minutes:.4f} steps={k}") for k in steps if k in recipe.eval.steps}  # fmt: skip
-            rows.append({"objective": label, "recipe": path, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
-                         "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student"),
-                         "training_of": first, "trained_on": _trained_on(out / "student")})  # fmt: skip
-        return rows
 
-    # one cell per training and the rows it serves: a finished training's rows are kept even where its folder is gone,
-    # and --shard splits the trainings; with --finished-only, a training without its cell is "not run" (its labels)
-    rows, not_run = [], []
-    for first, group in _trainings(chosen).items():
-        done = cells(training_cell(n, seeds, first), lambda first=first, group=group: score(first, group))
-        rows += done or []
-        not_run += [label for label, *_ in group] if done is None else []
-    if quick:
-        shutil.rmtree(runs, ignore_errors=True)
-    return {**result, "rows": rows, "not_run": not_run}
+def _score_training(group: list[tuple], path: Path, out: Path, scorer: _Scorer, steps: tuple[int, ...], quick: bool, progress: bool) -> list[dict]:
+    """Train once (into ``out``, the first row's folder) and score every row of ``group`` that samples that training."""
+    from fastdiff.pipelines.class_conditional import load_pipeline
+
+    first, recipe_name, switches = group[0][:3]
+    recipe, minutes = _train(path, [*switches, f"output_dir={out}", "trainer.tracker=none"], quick, progress, scorer.cells, scorer.n)
+    rows = []
+    for label, _, _, sampling in group:
+        pipe = load_pipeline(out / "student")
+        if sampling:
+            pipe.scheduler = _sampling_scheduler(pipe.scheduler, sampling)
+        fids = {str(k): scorer.fid(lambda s, k=k: _student_samples(recipe, pipe, scorer.n, k, s), f"n={scorer.n} {label} {minutes:.4f} steps={k}")
+                for k in steps if k in recipe.eval.steps}  # fmt: skip
+        rows.append({"objective": label, "recipe": recipe_name, "overrides": list(switches), "sampling": sampling, "steps": recipe.trainer.steps,
+                     "batch_size": recipe.trainer.batch_size, "wall_minutes": minutes, "fid": fids, "student": str(out / "student"),
+                     "training_of": first, "trained_on": _trained_on(out / "student")})  # fmt: skip
+    return rows
 
 
 def teacher_cell(n: int, sampler: str, overrides: dict, nfe: int) -> str:
