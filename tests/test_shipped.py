@@ -195,6 +195,24 @@ def test_quickstart_solver_is_the_benchmarks_recommended_setting():
     assert fitted == [schedule == "fitted schedule"] * 2, recommended
 
 
+def test_shipped_student_is_the_benchmarks_best_one_step_student():
+    """assets/students/fashion-mnist was trained from the recipe (and switches) of the row with the lowest 1-step FID in
+    `fastdiff bench distill-fashion-mnist` (benchmarks/distill-fashion-mnist.json): a student that beats it replaces it."""
+    from pathlib import Path
+
+    from fastdiff.bench.distill import _training
+    from fastdiff.eval.assets import student_path
+    from fastdiff.training.config import load_config, to_dict
+    from fastdiff.training.distill import DistillRecipe
+
+    repo = Path(__file__).resolve().parent.parent
+    rows = json.loads((repo / "benchmarks" / "distill-fashion-mnist.json").read_text())["rows"]
+    best = min((r for r in rows if "1" in r["fid"]), key=lambda r: r["fid"]["1"]["mean"])
+    shipped = json.loads((student_path("fashion-mnist") / "training.json").read_text())["recipe"]
+    bench_recipe = load_config(DistillRecipe, repo / best["recipe"], [*best["overrides"], "trainer.tracker=none"])  # as the bench trains it
+    assert _training(shipped) == _training(to_dict(bench_recipe)), f"the benchmark's best 1-step student is {best['objective']}"
+
+
 def test_quickstart_refuses_a_student_of_another_teacher_before_sampling(tmp_path, monkeypatch):
     import fastdiff.pipelines.sampling
 
