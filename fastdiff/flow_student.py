@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fastdiff.denoisers import DiffusersDenoiser
 from fastdiff.schedules import VPSchedule, batch_view
-from fastdiff.two_time import build_base
+from fastdiff.two_time import base_config, build_base
 
 __all__ = ["VPFlowModel"]
 
@@ -49,7 +49,7 @@ class VPFlowModel(ModelMixin, ConfigMixin):
     def from_base(cls, net: nn.Module, vp_config: dict) -> VPFlowModel:
         """A flow-matching copy of the VP network ``net`` that computes the teacher's velocity until it is trained."""
         keep = {k: v for k, v in dict(vp_config).items() if not k.startswith("_")}
-        model = cls(type(net).__name__, dict(net.config), keep)
+        model = cls(type(net).__name__, base_config(net), keep)
         model.base.load_state_dict(net.state_dict())
         model = model.to(net.device)
         return model if net.dtype == model.dtype else model.to(dtype=net.dtype)

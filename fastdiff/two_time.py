@@ -43,6 +43,12 @@ def build_base(base_class: str, base_config: dict | None, allowed: tuple[str, ..
     return getattr(diffusers, base_class).from_config(dict(base_config or {}))
 
 
+def base_config(net: nn.Module) -> dict:
+    """``net``'s diffusers config as a wrapper model stores it: without ``_name_or_path``, the folder it was loaded from
+    (a path of the machine that trained it, which a shipped student must not carry)."""
+    return {k: v for k, v in dict(net.config).items() if k != "_name_or_path"}
+
+
 def check_two_time_base(net: nn.Module) -> None:
     """``net`` must be a diffusers UNet with ``time_proj`` and ``time_embedding`` (where the ``s`` embedding goes)."""
     name = type(net).__name__
@@ -76,7 +82,7 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
     def from_base(cls, net: nn.Module) -> TwoTimeModel:
         """A two-time copy of ``net`` that computes exactly what ``net`` does until the ``s`` embedding is trained."""
         check_two_time_base(net)
-        model = cls(type(net).__name__, dict(net.config))
+        model = cls(type(net).__name__, base_config(net))
         model.base.load_state_dict(net.state_dict())
         model = model.to(net.device)
         return model if net.dtype == model.dtype else model.to(dtype=net.dtype)

@@ -157,3 +157,19 @@ def test_reflow_objective_trains_the_flow_student_and_refuses_lpips_huber_withou
         Reflow(tiny_unet(num_class_embeds=4), CONFIG, 3, loss="lpips_huber")
     with pytest.raises(InputError, match="reflow loss"):
         Reflow(tiny_unet(num_class_embeds=4), CONFIG, 3, loss="huber")
+
+
+def test_students_do_not_carry_the_folder_their_teacher_was_loaded_from(tmp_path):
+    """A flow student (and a CTM two-time model) of a teacher loaded from a folder stores the teacher's config without
+    diffusers' ``_name_or_path``: a shipped student's config must not name the training machine's paths."""
+    from diffusers import UNet2DModel
+
+    from fastdiff.two_time import TwoTimeModel
+
+    tiny_unet(num_class_embeds=4).save_pretrained(tmp_path / "teacher")
+    teacher = UNet2DModel.from_pretrained(tmp_path / "teacher")
+    assert str(teacher.config["_name_or_path"]) == str(tmp_path / "teacher")  # what diffusers records on loading
+    for student in (VPFlowModel.from_base(teacher, CONFIG), TwoTimeModel.from_base(teacher)):
+        student.save_pretrained(tmp_path / "student")
+        assert str(tmp_path / "teacher") not in (tmp_path / "student" / "config.json").read_text()
+        assert student.base.config.block_out_channels == teacher.config.block_out_channels

@@ -37,22 +37,23 @@ def test_teacher_loads_offline_and_swaps_scheduler(name, monkeypatch):
 
 
 def test_shipped_student_loads_with_its_own_scheduler_and_records_its_training(monkeypatch):
-    """assets/students/fashion-mnist: a plain pipeline folder (<= 15 MB) whose scheduler is LCMScheduler, made from
-    the fashion-mnist teacher's images and classes, with the recipe, command and minutes recorded."""
-    from diffusers import LCMScheduler
-
+    """assets/students/fashion-mnist: a plain pipeline folder (<= 15 MB) with the diffusers scheduler it samples with,
+    made from the fashion-mnist teacher's images and classes, with the recipe, command and minutes recorded."""
     from fastdiff.eval.assets import student_path
+    from fastdiff.training.distill import OBJECTIVE_SECTIONS
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = student_path("fashion-mnist")
     assert path is not None and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 15 * 2**20
     pipe = DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)
-    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.num_classes == 10
+    scheduler = json.loads((path / "model_index.json").read_text())["scheduler"]
+    assert scheduler[0] == "diffusers" and type(pipe.scheduler).__name__ == scheduler[1] and pipe.num_classes == 10
     out = pipe(class_labels=[0, 7], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape[0] == 2 and np.isfinite(out.images).all()
     record = json.loads((path / "training.json").read_text())
-    assert record["recipe"]["objective"] == "cd" and record["recipe"]["distill"]["teacher"] == "assets/teachers/fashion-mnist"
-    assert record["wall_minutes_this_run"] > 0 and record["steps"] == 2500
+    section = OBJECTIVE_SECTIONS[record["recipe"]["objective"]][0]  # where a teacher-distilling objective names its teacher
+    assert record["recipe"][section]["teacher"] == "assets/teachers/fashion-mnist" and "fastdiff" in record["command"]
+    assert record["wall_minutes_this_run"] > 0 and record["steps"] == record["recipe"]["trainer"]["steps"]
 
 
 @pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
