@@ -60,7 +60,7 @@ OPTIONS = {
     "fid": "sources -h --help --pipeline --scheduler --steps --guidance --num-samples --seed --batch-size --no-progress --extractor "
            "--inception-weights --kid --pr --size --json --save-stats --no-cache",
     "quickstart": "-h --help --teacher --num-samples --steps --guidance --seed --out --cache --student --no-optimised-schedules --no-progress",
-    "bench": "name -h --help --quick --no-progress --out --report --readme --recipes --resume --shard --rows",
+    "bench": "name -h --help --quick --no-progress --out --report --readme --recipes --resume --shard --rows --finished-only",
     "schedule": "-h --help",
     "schedule show": "config -h --help --steps --spacing --mu",
     "schedule optimize": "pipeline -h --help --scheduler --steps --guidance --samples --fine --seed --sigma-data --out --refine --overwrite --no-progress",

@@ -181,20 +181,25 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--report", default="BENCHMARKS.md", metavar="FILE", help="the report regenerated from --out (default %(default)s)")
     p.add_argument("--readme", default="README.md", metavar="FILE",
                    help="also regenerate the benchmark section between this file's markers, when it exists (default %(default)s)")
-    p.add_argument("--recipes", default="recipes", metavar="DIR", help="distill: the folder of the recipes it trains (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run: teachers, samplers, distill and distill-fashion-mnist keep each finished cell or training "
                         "checkpoint (in --out / runs/bench) and skip it when resumed")  # fmt: skip
     p.add_argument("--shard", type=_shard, metavar="I/K",
                    help="split a resumable benchmark over K processes: this one computes shard I (0-based) of the cells into "
                         "--out's NAME.partial.jsonl and writes no JSON; once all K finish, run it with --resume to assemble")  # fmt: skip
+    _add_distill_options(p)
+    p.set_defaults(func=commands.cmd_bench)
+
+
+def _add_distill_options(p: argparse.ArgumentParser) -> None:
+    """The options of the distill benchmarks (the recipes they train, a subset of rows, assembling what is finished)."""
+    p.add_argument("--recipes", default="recipes", metavar="DIR", help="distill: the folder of the recipes it trains (default %(default)s)")
     p.add_argument("--rows", nargs="+", metavar="LABEL",
                    help="distill, distill-fashion-mnist: run only these rows (labels as in the table, e.g. DMD2 'DMD2 4-step'); "
                         "the JSON and the report hold only them")  # fmt: skip
     p.add_argument("--finished-only", action="store_true",
                    help="distill, distill-fashion-mnist: write the JSON and report from the trainings finished in --out's NAME.partial.jsonl "
                         "(by --shard or --rows runs), computing nothing; the rows still to run are listed and the file is kept")  # fmt: skip
-    p.set_defaults(func=commands.cmd_bench)
 
 
 def _shard(text: str) -> tuple[int, int]:
