@@ -235,8 +235,8 @@ def test_distill_rows_train_in_their_own_folders_and_take_a_finished_student(tmp
 
 def test_distill_finished_only_assembles_the_finished_trainings_and_computes_nothing(tmp_path, monkeypatch):
     """--finished-only writes the JSON and report from the partial file's finished trainings: nothing is trained or
-    scored, the trainings without a cell are listed as not run (in the table's order), and the partial file is kept for
-    the runs still to come. Without the teacher's cells, or without a partial file, it is refused by name."""
+    scored (neither the extractor nor the teacher is loaded), the trainings without a cell are listed as not run (in the
+    table's order), and the partial file is kept for the runs still to come. Without the teacher's cells, or without a partial file, it is refused by name."""
     import fastdiff.bench.distill as distill
     from fastdiff.bench import run_bench
     from fastdiff.cli import main
@@ -251,6 +251,8 @@ def test_distill_finished_only_assembles_the_finished_trainings_and_computes_not
     partial = tmp_path / "distill.partial.jsonl"
     partial.write_text("".join(json.dumps(c) + "\n" for c in cells))
     monkeypatch.setattr(distill, "_train", lambda *a, **k: pytest.fail("--finished-only trained a row"))
+    for module, loader in (("fastdiff.eval.extractors", "load_extractor"), ("fastdiff.pipelines.class_conditional", "load_pipeline")):
+        monkeypatch.setattr(f"{module}.{loader}", lambda *a, loader=loader, **k: pytest.fail(f"--finished-only called {loader}"))
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     path = run_bench("distill", False, False, tmp_path, tmp_path / "B.md", None, recipes, finished_only=True)
     data = json.loads(path.read_text())

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +108,6 @@ def run_folder(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
-def _fid_seeds(sample, extractor, reference, seeds, cells, key) -> dict:
-    """The FID over ``seeds`` (mean and spread), each seed's kept as a cell (a shard computes all of its own)."""
-    from fastdiff.bench.common import mean_std as _mean_std
-    from fastdiff.eval.metrics import fid_of_samples
-
-    return _mean_std([cells(f"{key} seed={seed}", lambda seed=seed: fid_of_samples(sample(seed), extractor, reference), every_shard=True)
-                      for seed in seeds])  # fmt: skip
 
 
 def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None,
@@ -154,16 +147,12 @@ def chosen_rows(recipes: dict[str, tuple], rows: list[str] | None, bench: str) -
 
 def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cells: Any = None, rows: list[str] | None = None) -> dict:
     from fastdiff.bench.common import Cells, machine, recipe_file
-    from fastdiff.eval.extractors import load_extractor
-    from fastdiff.eval.sources import load_source, source_features
 
     spec, cells = DISTILL_SETS[name], cells or Cells(None)
     bench = "distill" if name == "digits" else f"distill-{name}"
     chosen = chosen_rows(spec.recipes, rows, bench)
     paths = {label: recipe_file(row[0], recipes) for label, row in chosen.items()}  # all found before any work
-    extractor = load_extractor(name)
-    scorer = _Scorer(extractor, source_features(load_source(f"{name}:test", 1), extractor), 60 if quick else spec.num_samples,
-                     (0,) if quick else (0, 1, 2), cells)  # fmt: skip
+    scorer = _Scorer(name, 60 if quick else spec.num_samples, (0,) if quick else (0, 1, 2), cells)
     result = {"machine": machine(), "quick": quick, "dataset": name, "num_samples": scorer.n, "seeds": list(scorer.seeds),
               "student_steps": list(spec.student_steps), **_teacher_scores(name, scorer, spec.student_steps)}  # fmt: skip
     _check_teacher_finished(result, cells, bench)
@@ -183,18 +172,32 @@ def _bench_set(name: str, quick: bool, progress: bool, recipes: str | Path, cell
 
 @dataclass(frozen=True)
 class _Scorer:
-    """What every FID of one run shares: the domain extractor, the test split's features, samples per FID, seeds, and
-    the cells each seed's FID is kept in."""
+    """What every FID of one run shares: the data set (its domain extractor and test split, loaded on the first FID
+    computed: assembling finished cells loads neither), samples per FID, seeds, and the cells each seed's FID is kept
+    in."""
 
-    extractor: Any
-    reference: Any
+    dataset: str
     n: int
     seeds: tuple[int, ...]
     cells: Any
 
+    @cached_property
+    def features(self) -> tuple[Any, Any]:
+        """The domain extractor and the test split's features under it."""
+        from fastdiff.eval.extractors import load_extractor
+        from fastdiff.eval.sources import load_source, source_features
+
+        extractor = load_extractor(self.dataset)
+        return extractor, source_features(load_source(f"{self.dataset}:test", 1), extractor)
+
     def fid(self, sample, key: str) -> dict:
-        """The FID of ``sample(seed)`` over the seeds (mean and spread), each seed's kept as the cell ``key seed=S``."""
-        return _fid_seeds(sample, self.extractor, self.reference, self.seeds, self.cells, key)
+        """The FID of ``sample(seed)`` over the seeds (mean and spread), each seed's kept as the cell ``key seed=S`` (a
+        shard computes all of its own)."""
+        from fastdiff.bench.common import mean_std
+        from fastdiff.eval.metrics import fid_of_samples
+
+        return mean_std([self.cells(f"{key} seed={seed}", lambda seed=seed: fid_of_samples(sample(seed), *self.features), every_shard=True)
+                         for seed in self.seeds])  # fmt: skip
 
 
 def _teacher_scores(name: str, scorer: _Scorer, steps: tuple[int, ...]) -> dict:
@@ -204,13 +207,14 @@ def _teacher_scores(name: str, scorer: _Scorer, steps: tuple[int, ...]) -> dict:
     from fastdiff.pipelines.class_conditional import load_pipeline
     from fastdiff.pipelines.sampling import sample_pipeline
 
-    teacher = load_pipeline(teacher_path(name))
-    base = dict(teacher.scheduler.config)
+    teacher = cache(lambda: load_pipeline(teacher_path(name)))  # loaded on the first FID computed
+    base = cache(lambda: dict(teacher().scheduler.config))
 
     def teacher_fid(sampler, overrides, k):
         def compute():
-            teacher.scheduler = make_scheduler(sampler, base, **overrides)
-            return scorer.fid(lambda s: sample_pipeline(teacher, scorer.n, k, 1.0, s).images, key)
+            pipe = teacher()
+            pipe.scheduler = make_scheduler(sampler, base(), **overrides)
+            return scorer.fid(lambda s: sample_pipeline(pipe, scorer.n, k, 1.0, s).images, key)
 
         key = teacher_cell(scorer.n, sampler, overrides, k)
         return scorer.cells(f"{key} seeds={list(scorer.seeds)}", compute)
