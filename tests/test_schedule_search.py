@@ -193,3 +193,23 @@ def test_one_calibration_serves_every_step_count(monkeypatch):
     for n, record in shared.items():
         alone = optimize_pipeline_schedule(pipe, "digits", "ghvb-1.8", n, num_samples=4, seed=3, fine_points=12)
         assert alone["sigmas"] == pytest.approx(record["sigmas"], rel=1e-5) and alone["calibration"]["cost"] == pytest.approx(record["calibration"]["cost"], rel=1e-4)
+
+
+def test_calibration_reuses_the_trajectories_evaluations_at_the_fine_points():
+    """The step costs need ``D(x_i, sigma_i)`` at every fine point; the reference trajectories evaluate exactly that as
+    their first call out of each point, so a calibration costs the trajectories' calls only (2 per Heun sub-step, one
+    Euler step onto 0) and its matrix equals the one computed with fresh evaluations."""
+    from fastdiff.samplers.schedule_search import calibration_costs, reference_trajectories, step_costs
+
+    calls = []
+
+    def counted(x, sigma, **cond):
+        calls.append(float(sigma))
+        return GMM(x, sigma, **cond)
+
+    fine = torch.cat([karras_sigmas(11, 0.002, 80.0)[:-1], torch.zeros(1, dtype=torch.float64)])
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80.0
+    costs = calibration_costs(counted, x, fine)
+    assert len(calls) == (len(fine) - 2) * 2 * 2 + 1  # substeps = 2; was + len(fine) - 1 with the step costs' own calls
+    fresh = step_costs(GMM, reference_trajectories(GMM, x, fine), fine)
+    assert torch.equal(costs, fresh)
