@@ -27,13 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.errors import InputError
-from fastdiff.param import Scalings, canonical_prediction_type, consistency_scalings, edm_scalings, x0_from_output
+from fastdiff.param import Scalings, canonical_prediction_type, consistency_scalings, dynamic_threshold, edm_scalings, x0_from_output
 from fastdiff.schedules import NoiseSchedule, batch_view, is_flow_config, schedule_from_config
 
 __all__ = [
     "Denoiser",
     "DiffusersDenoiser",
     "CFGDenoiser",
+    "ThresholdedDenoiser",
     "PreconditionedDenoiser",
     "edm_precond",
     "consistency_precond",
@@ -194,6 +195,20 @@ class CFGDenoiser(nn.Module):
         both = _stack_cond(self.uncond, cond, "cond", x.shape[0])
         d_uncond, d_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
         return d_uncond + w * (d_cond - d_uncond)
+
+
+class ThresholdedDenoiser(nn.Module):
+    """A denoiser whose x0 estimates are dynamically thresholded (:func:`~fastdiff.param.dynamic_threshold`): the
+    functional samplers' form of the schedulers' ``thresholding=True`` (wrap the guided denoiser, as they threshold
+    the guided estimate)."""
+
+    def __init__(self, denoiser: Denoiser, ratio: float = 0.995, max_value: float = 1.0):
+        super().__init__()
+        dynamic_threshold(torch.zeros(1, 1), ratio, max_value)  # refuses bad values now
+        self.denoiser, self.ratio, self.max_value = denoiser, float(ratio), float(max_value)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        return dynamic_threshold(self.denoiser(x, sigma, **cond), self.ratio, self.max_value)
 
 
 class PreconditionedDenoiser(nn.Module):

@@ -293,6 +293,8 @@ def test_bad_input():
         GHVBScheduler.from_config(FlowMatchEulerDiscreteScheduler(invert_sigmas=True).config)
     with pytest.raises(InputError, match="only one of use_karras_sigmas"):
         GHVBScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
+    with pytest.raises(InputError, match="sample_max_value >= 1; got 0.995, 0.5"):
+        IPNDMScheduler(thresholding=True, sample_max_value=0.5)
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -403,3 +405,27 @@ def test_pndm_family_combines_in_x0_space_for_every_prediction_type(cls):
         s.set_timesteps(10)
     x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_run(eps, x, "epsilon"), _run(v, x, "v_prediction"), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls, fn", [*PAIRS, (partial(IPNDMScheduler.from_config, solver="ipndm-v"), S.sample_ipndm_v)], ids=str)
+def test_thresholding_carries_over_from_diffusers_and_equals_the_sampler_over_a_thresholded_denoiser(cls, fn):
+    """diffusers' thresholding config (DPM-Solver's, with the ratio and sample_max_value = 1: clipping) carries over to
+    every fastdiff scheduler, which thresholds each x0 estimate before its step: the same samples as the functional
+    sampler over ThresholdedDenoiser, and not those without it. The threshold equals diffusers' own."""
+    from fastdiff.denoisers import ThresholdedDenoiser
+    from fastdiff.param import dynamic_threshold
+
+    ref = DPMSolverMultistepScheduler.from_config(_vp_config(timestep_spacing="trailing"), thresholding=True)
+    scheduler = cls.from_config(ref.config) if isinstance(cls, type) else cls(ref.config)
+    assert scheduler.config.thresholding and scheduler.config.sample_max_value == 1.0
+    scheduler.set_timesteps(10)
+    x_t = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    extra = {"schedule": scheduler.schedule} if isinstance(scheduler, FPNDMScheduler) else {}
+    x = x_t / scheduler.schedule.scale(scheduler.grid[0])
+    ours = fn(ThresholdedDenoiser(GMM), x, scheduler.grid, **extra)
+    torch.testing.assert_close(_run(scheduler, x_t), ours, atol=1e-10, rtol=0)
+    assert (ours - fn(GMM, x, scheduler.grid, **extra)).abs().max() > 1e-2  # the GMM's samples leave [-1, 1]
+    big = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    for max_value in (1.0, 2.5):
+        theirs = DPMSolverMultistepScheduler(thresholding=True, sample_max_value=max_value)._threshold_sample(big)
+        assert torch.equal(dynamic_threshold(big, 0.995, max_value), theirs)

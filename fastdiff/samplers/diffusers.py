@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from fastdiff.errors import InputError, check_choice
-from fastdiff.param import canonical_prediction_type, x0_from_output
+from fastdiff.param import canonical_prediction_type, dynamic_threshold, x0_from_output
 from fastdiff.samplers._common import step_dtype
 from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target, reuse_noise_step
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
@@ -71,7 +71,7 @@ def _to_device(values: Tensor, device: str | torch.device | None) -> Tensor:
 class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
     """The diffusers contract around a descending sigma grid: grids from ``num_inference_steps`` / ``timesteps`` /
     ``sigmas`` / ``mu`` for VP and flow models, ``step_index`` / ``begin_index``, ``add_noise`` / ``scale_noise``,
-    model output -> x0 conversion. Subclasses set the config (``@register_to_config``), call :meth:`_setup` and
+    model output -> x0 conversion (and diffusers' ``thresholding`` of it). Subclasses set the config (``@register_to_config``), call :meth:`_setup` and
     implement :meth:`_install` (what to do with a new grid) and :meth:`_advance` (one step in sigma space)."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + _FLOW_COMPATIBLES
@@ -87,6 +87,8 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         check_choice("time_shift_type", cfg.time_shift_type, TIME_SHIFT_TYPES)
         if cfg.invert_sigmas:
             raise InputError("invert_sigmas (Mochi's reversed flow timesteps and velocity) is not supported by fastdiff's schedulers")
+        if cfg.thresholding:
+            dynamic_threshold(torch.zeros(1, 1), cfg.dynamic_thresholding_ratio, cfg.sample_max_value)  # refuses bad values now
         if not self.flow:  # diffusers' VP schedulers expose these; pipelines (LEDITS++, SAG, DiffEdit) and compute_snr read them
             self.betas = self.schedule.betas.float()
             self.alphas = 1.0 - self.betas
@@ -183,6 +185,8 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         x_t, out = sample.to(maths), model_output.to(maths)
         alpha = self.schedule.scale(sigma)
         denoised = x0_from_output(out, x_t, alpha, alpha * sigma, self.prediction_type)
+        if self.config.thresholding:  # diffusers' option (DDIM, DPM-Solver, UniPC): the x0 estimate, before the solver
+            denoised = dynamic_threshold(denoised, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         prev = (self._advance(x_t / alpha, denoised, i) * self.schedule.scale(sigma_next)).to(dtype)
         self._step_index += 1
         if not return_dict:
@@ -227,6 +231,9 @@ class MomentumScheduler(SigmaGridScheduler):
         use_karras_sigmas: Karras grid between the schedule's sigma_min and sigma_max instead of ``timestep_spacing``
             (``use_exponential_sigmas``, ``use_beta_sigmas``: those spacings; all as DPM-Solver / FlowMatchEuler).
         use_flow_sigmas: treat the model as flow matching even if the config has betas.
+        thresholding: diffusers' dynamic thresholding of each x0 estimate before the step (``dynamic_thresholding_ratio``,
+            ``sample_max_value``; :func:`~fastdiff.param.dynamic_threshold`), as in DDIM / DPM-Solver / UniPC; every
+            fastdiff scheduler takes it (pixel-space models at high guidance).
         The remaining arguments are diffusers' usual VP and FlowMatchEuler config fields, with FlowMatchEuler's grid
         (``shift``, ``use_dynamic_shifting`` + ``time_shift_type``, ``shift_terminal``); ``invert_sigmas`` is refused.
     """
@@ -261,6 +268,9 @@ class MomentumScheduler(SigmaGridScheduler):
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
         invert_sigmas: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ):
         solver = solver or self._default_solver
         check_choice("solver", solver, SOLVERS)
@@ -323,6 +333,9 @@ class PseudoNumericalScheduler(SigmaGridScheduler):
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
         invert_sigmas: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ):
         variant = variant or self._default_variant
         check_choice("variant", variant, ("plms", "s-pndm", "f-pndm"))
@@ -473,6 +486,9 @@ class CTMScheduler(SigmaGridScheduler):
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
         invert_sigmas: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ):
         ctm_target(torch.ones(()), gamma, 0.0, False)  # checks gamma
         self._setup()
@@ -544,6 +560,9 @@ class ReflowScheduler(SigmaGridScheduler):
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
         invert_sigmas: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ):
         self._eps1 = None
         self._setup()
