@@ -54,7 +54,7 @@ DISTILL_RECIPES = {
     **{f"f-distill {d}": ("recipes/fdistill_digits.yaml", (f"dmd.divergence={d}",)) for d in DIVERGENCES[1:]},  # reverse_kl: the DMD2 row (the same training exactly, tested)
     "CTM": ("recipes/ctm_digits.yaml", ()),
     "CTM gamma=1": ("recipes/ctm_digits.yaml", (), {"gamma": 1.0}),
-    "CTM without GAN": ("recipes/ctm_digits.yaml", ("ctm.gan_weight=0",)),
+    "CTM without GAN": ("recipes/ctm_digits.yaml", ("ctm.gan_weight=0", "trainer.phase_optim={}")),  # no discriminator phase
     "2-RF++": ("recipes/reflow_digits.yaml", ()),
     "2-RF++ reuse-noise sampler": ("recipes/reflow_digits.yaml", (), {"scheduler": "reflow"}),
     "2-RF++ uniform t": ("recipes/reflow_digits.yaml", ("reflow.t_distribution=uniform",)),
@@ -77,7 +77,7 @@ FASHION_RECIPES = {
     "f-distill jensen_shannon": ("recipes/fdistill_fashion_mnist.yaml", ()),
     "CTM": ("recipes/ctm_fashion_mnist.yaml", ()),
     "CTM gamma=1": ("recipes/ctm_fashion_mnist.yaml", (), {"gamma": 1.0}),
-    "CTM without GAN": ("recipes/ctm_fashion_mnist.yaml", ("ctm.gan_weight=0",)),
+    "CTM without GAN": ("recipes/ctm_fashion_mnist.yaml", ("ctm.gan_weight=0", "trainer.phase_optim={}")),
     "2-RF++": ("recipes/reflow_fashion_mnist.yaml", ()),
     "2-RF++ reuse-noise sampler": ("recipes/reflow_fashion_mnist.yaml", (), {"scheduler": "reflow"}),
 }
