@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.errors import InputError
-from fastdiff.param import Scalings, canonical_prediction_type, consistency_scalings, dynamic_threshold, edm_scalings, x0_from_output
+from fastdiff.param import Scalings, canonical_prediction_type, check_threshold, consistency_scalings, dynamic_threshold, edm_scalings, x0_from_output
 from fastdiff.schedules import NoiseSchedule, batch_view, is_flow_config, schedule_from_config
 
 __all__ = [
@@ -204,7 +204,7 @@ class ThresholdedDenoiser(nn.Module):
 
     def __init__(self, denoiser: Denoiser, ratio: float = 0.995, max_value: float = 1.0):
         super().__init__()
-        dynamic_threshold(torch.zeros(1, 1), ratio, max_value)  # refuses bad values now
+        check_threshold(ratio, max_value)
         self.denoiser, self.ratio, self.max_value = denoiser, float(ratio), float(max_value)
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:

@@ -28,6 +28,7 @@ __all__ = [
     "x0_from_output",
     "output_from_x0",
     "dynamic_threshold",
+    "check_threshold",
     "Scalings",
     "edm_scalings",
     "consistency_scalings",
@@ -42,14 +43,21 @@ def canonical_prediction_type(name: str) -> str:
     return check_choice("prediction_type", _ALIASES.get(name, name), PREDICTION_TYPES)
 
 
+def check_threshold(ratio: float, max_value: float) -> None:
+    """Refuse a dynamic-thresholding setting :func:`dynamic_threshold` cannot use (diffusers' key names)."""
+    if not 0 < ratio <= 1 or not max_value >= 1:
+        raise InputError(f"thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1; got {ratio}, {max_value}")
+
+
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
     """Imagen's dynamic thresholding of an x0 estimate (Saharia et al. 2022, sec. 2.3; diffusers' ``thresholding``):
     per sample, ``s`` = the ``ratio`` quantile of ``|x0|`` clamped to ``[1, max_value]``; ``x0`` is clipped to
     ``[-s, s]`` and divided by ``s``. ``max_value = 1`` is static clipping to ``[-1, 1]``. It bounds what a step
     extrapolates from, which at high guidance keeps few-step samplers from diverging; for pixel-space models only."""
-    if not 0 < ratio <= 1 or not max_value >= 1:
-        raise InputError(f"thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1; got {ratio}, {max_value}")
-    flat = x0.flatten(1).abs().float()
+    check_threshold(ratio, max_value)
+    flat = x0.flatten(1).abs()
+    if flat.dtype in (torch.float16, torch.bfloat16):  # quantile needs float32 there (as diffusers upcasts)
+        flat = flat.float()
     s = torch.quantile(flat, ratio, dim=1).clamp(1.0, max_value).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=250)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if Path(args.out).exists():
+        sys.exit(f"error: {args.out} already exists; choose another --out (nothing was computed)")
     pipe = load_pipeline(teacher_path("fashion-mnist"))
     base, extractor = dict(pipe.scheduler.config), load_extractor("fashion-mnist")
     test = source_features(load_source("fashion-mnist:test", 1), extractor, progress=False)

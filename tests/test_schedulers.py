@@ -426,6 +426,9 @@ def test_thresholding_carries_over_from_diffusers_and_equals_the_sampler_over_a_
     torch.testing.assert_close(_run(scheduler, x_t), ours, atol=1e-10, rtol=0)
     assert (ours - fn(GMM, x, scheduler.grid, **extra)).abs().max() > 1e-2  # the GMM's samples leave [-1, 1]
     big = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
-    for max_value in (1.0, 2.5):
-        theirs = DPMSolverMultistepScheduler(thresholding=True, sample_max_value=max_value)._threshold_sample(big)
-        assert torch.equal(dynamic_threshold(big, 0.995, max_value), theirs)
+    for max_value in (1.0, 2.5, 10.0):  # 10: s is the quantile itself, unclamped
+        for x in (big, big.double() + 1e-9 * big.double().sin()):  # float64 stays float64, as in diffusers (only half is upcast)
+            theirs = DPMSolverMultistepScheduler(thresholding=True, sample_max_value=max_value)._threshold_sample(x)
+            assert torch.equal(dynamic_threshold(x, 0.995, max_value), theirs)
+    with pytest.raises(InputError, match="0 < dynamic_thresholding_ratio <= 1"):
+        ThresholdedDenoiser(GMM, ratio=0.0)

@@ -108,8 +108,6 @@ def run_folder(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
-
-
 def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Path = "recipes", cells: Any = None,
                   rows: list[str] | None = None) -> dict:  # fmt: skip
     """``fastdiff bench distill``: the digits students (:data:`DISTILL_RECIPES`, read from the folder ``recipes``; only

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from fastdiff.errors import InputError, check_choice
-from fastdiff.param import canonical_prediction_type, dynamic_threshold, x0_from_output
+from fastdiff.param import canonical_prediction_type, check_threshold, dynamic_threshold, x0_from_output
 from fastdiff.samplers._common import step_dtype
 from fastdiff.samplers.consistency import ctm_jump, ctm_renoise, ctm_target, reuse_noise_step
 from fastdiff.samplers.grids import FLOW_T_MAX, check_sigmas, grid_from_config, sigma_spacing, solver_sigmas
@@ -71,8 +71,8 @@ def _to_device(values: Tensor, device: str | torch.device | None) -> Tensor:
 class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
     """The diffusers contract around a descending sigma grid: grids from ``num_inference_steps`` / ``timesteps`` /
     ``sigmas`` / ``mu`` for VP and flow models, ``step_index`` / ``begin_index``, ``add_noise`` / ``scale_noise``,
-    model output -> x0 conversion (and diffusers' ``thresholding`` of it). Subclasses set the config (``@register_to_config``), call :meth:`_setup` and
-    implement :meth:`_install` (what to do with a new grid) and :meth:`_advance` (one step in sigma space)."""
+    model output -> x0 conversion (and diffusers' ``thresholding`` of it). Subclasses set the config
+    (``@register_to_config``), call :meth:`_setup` and implement :meth:`_install` (what to do with a new grid) and :meth:`_advance` (one step in sigma space)."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + _FLOW_COMPATIBLES
     order = 1
@@ -88,7 +88,7 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
         if cfg.invert_sigmas:
             raise InputError("invert_sigmas (Mochi's reversed flow timesteps and velocity) is not supported by fastdiff's schedulers")
         if cfg.thresholding:
-            dynamic_threshold(torch.zeros(1, 1), cfg.dynamic_thresholding_ratio, cfg.sample_max_value)  # refuses bad values now
+            check_threshold(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
         if not self.flow:  # diffusers' VP schedulers expose these; pipelines (LEDITS++, SAG, DiffEdit) and compute_snr read them
             self.betas = self.schedule.betas.float()
             self.alphas = 1.0 - self.betas

@@ -9,8 +9,8 @@ minimises the summed local error against reference trajectories of the same nois
 2. the cost of one DDIM step from fine point ``i`` to ``j``: ``C[i, j] = g(sigma_j) mean_b RMS(Euler(x_i; sigma_i ->
    sigma_j) - x_j)`` (:func:`step_costs`). A DDIM step from ``i`` needs only ``D(x_i, sigma_i)``, so the whole matrix
    costs ``F`` model calls (GITS's observation) -- none here: the trajectories' first call out of each fine point is
-   that very evaluation, and :func:`calibration_costs` reuses it (a fifth of a calibration's calls with 2 sub-steps). ``g(sigma) = sigma_data / sqrt(sigma_data^2 + sigma^2)`` is the gain
-   with which the probability-flow map carries an error at ``sigma`` to the image (exact for Gaussian data of std
+   that very evaluation, and :func:`calibration_costs` reuses it (a fifth of a calibration's calls with 2 sub-steps).
+   ``g(sigma) = sigma_data / sqrt(sigma_data^2 + sigma^2)`` is the gain with which the probability-flow map carries an error at ``sigma`` to the image (exact for Gaussian data of std
    ``sigma_data``), so the DP minimises the local errors' first-order share of the final error. GITS sums raw local
    errors; on a VP model (sigma_max ~157) those at high sigma are ~100x larger than what reaches the image, and under
    guidance the raw DP spent every step there and left one step from sigma ~10 to 0 (fashion-mnist teacher, w = 6:
@@ -119,7 +119,8 @@ def calibration_costs(den: Callable, x: Tensor, fine: Tensor, cond: Mapping[str,
     if fine[-1] != 0 or not bool((fine[1:] < fine[:-1]).all()):
         raise InputError("the fine grid must be strictly descending and end in 0")
     at_points: dict[int, Tensor] = {}  # D(x_i, sigma_i): the trajectories' first evaluation out of each fine point
-    states = reference_trajectories(den, x, fine, cond, substeps, progress, callback=lambda info: at_points.setdefault(info.i, info.denoised))
+    states = reference_trajectories(den, x, fine, cond, substeps, progress,
+                                    callback=lambda info: at_points.setdefault(info.i, info.denoised))
     return step_costs(den, states, fine, cond, progress, sigma_data, at_points)
 
 
