@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if Path(args.out).exists():
-        sys.exit(f"error: {args.out} already exists; choose another --out (nothing was computed)")
+        print(f"error: {args.out} already exists; choose another --out (nothing was computed)", file=sys.stderr)
+        sys.exit(2)
     pipe = load_pipeline(teacher_path("fashion-mnist"))
     base, extractor = dict(pipe.scheduler.config), load_extractor("fashion-mnist")
     test = source_features(load_source("fashion-mnist:test", 1), extractor, progress=False)
