@@ -126,6 +126,27 @@ def test_optimised_schedule_targets_and_report(tmp_path):
     assert "| A (fastdiff) | 11 -> 10 / 1 -> 0.9 |" in report and "| B (fastdiff) | - -> 5 / - -> 0.1 †20% |" in report
     assert "w=6.0: 90 s" in report and "test FID (the issue's measure): fastdiff's best (solver + schedule) beats every diffusers scheduler on its default schedule in 2 of 2 cells" in report
     assert "same optimised schedule in 2 of 2" in report
+    assert "of the 2 fastdiff settings with no diverged image in any cell, the lowest" in report
+
+
+def test_recommended_setting_diverges_on_no_image_where_one_such_setting_exists():
+    """The issue's target is no diverged image at any guidance: a setting within the 1% tolerance (C, 0.4% at w=6)
+    loses to one with none (A) even at a lower FID to the converged samples; only where no setting is free of diverged
+    images does the tolerance decide (C is then recommended)."""
+    from fastdiff.bench.samplers import optimised_targets
+
+    def row(name, g, fid_converged, diverged=0.0):
+        return {"sampler": name, "source": "fastdiff", "guidance": g, "nfe": 6.0, "steps": 6, "fid_test": 10.0,
+                "fid_converged": fid_converged, "diverged": diverged, "schedule": "optimised"}  # fmt: skip
+
+    a = [row("A", 1.0, 0.9), row("A", 6.0, 0.9)]
+    c = [row("C", 1.0, 0.5), row("C", 6.0, 0.5, 0.004)]
+    data = {"guidance": [1.0, 6.0], "rows": [], "optimised": {"nfe": [6], "calibration": {}, "rows": a + c}}
+    t = optimised_targets(data)
+    assert (t["recommended"], t["recommended_diverged"], t["none_diverged"]) == ("A + optimised schedule", 0.0, True)
+    a[1]["diverged"] = 0.004
+    t = optimised_targets(data)
+    assert (t["recommended"], t["recommended_diverged"], t["none_diverged"]) == ("C + optimised schedule", 0.004, False)
 
 
 def test_sampler_bench_quick_runs_end_to_end():

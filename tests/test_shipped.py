@@ -15,7 +15,7 @@ from fastdiff.pipelines.class_conditional import ClassConditionalPipeline
 from fastdiff.eval.sources import load_source, source_features
 from fastdiff.pipelines.class_conditional import load_pipeline
 from fastdiff.eval.metrics import fid_of_samples
-from fastdiff.quickstart import QUICKSTART_SOLVER, QuickstartConfig, run_quickstart
+from fastdiff.quickstart import QUICKSTART_SOLVER, QUICKSTART_SOLVER_CONFIG, QuickstartConfig, run_quickstart
 from fastdiff.pipelines.sampling import make_scheduler, sample_pipeline
 
 TEACHERS = ["digits", "fashion-mnist", "fashion-mnist-dit"]
@@ -155,6 +155,24 @@ def test_quickstart_shows_the_solver_on_its_shipped_optimised_schedule(tmp_path,
     assert not [r for r in run_quickstart(cfg, progress=False)["rows"] if "optimised" in r["sampler"]]
 
 
+def test_quickstart_runs_its_solver_in_the_recommended_config(tmp_path):
+    """fastdiff's solver runs in the quickstart with the recommended setting's config (dynamic thresholding on), as
+    the JSON records: its FID is that of the thresholded scheduler's samples, not the plain one's (at guidance 6,
+    where the guided x0 estimates leave [-1, 1])."""
+    cfg = QuickstartConfig(teacher="fashion-mnist", schedulers=(QUICKSTART_SOLVER,), steps=(3,), reference_steps=4, cache=None,
+                           student=None, optimised=False, guidance_scale=6.0, num_samples=16, out=str(tmp_path / "q"))  # fmt: skip
+    result = run_quickstart(cfg, progress=False)
+    assert result["scheduler_config"] == {QUICKSTART_SOLVER: QUICKSTART_SOLVER_CONFIG} == {QUICKSTART_SOLVER: {"thresholding": True}}
+    row = next(r for r in result["rows"] if r["sampler"] == f"{QUICKSTART_SOLVER} (fastdiff)")
+    pipe = load_pipeline(ASSETS / "teachers" / "fashion-mnist")
+    reference = source_features(load_source("fashion-mnist:test", 1), load_extractor("fashion-mnist"))
+    fids, config = [], dict(pipe.scheduler.config)
+    for overrides in (QUICKSTART_SOLVER_CONFIG, {}):
+        pipe.scheduler = make_scheduler(QUICKSTART_SOLVER, config, **overrides)
+        fids.append(fid_of_samples(sample_pipeline(pipe, 16, 3, 6.0, cfg.seed).images, load_extractor("fashion-mnist"), reference))
+    assert row["fid"] == pytest.approx(fids[0], rel=1e-9) and fids[0] != pytest.approx(fids[1], rel=1e-6)
+
+
 def test_shipped_schedule_is_refused_for_another_guidance(tmp_path, monkeypatch):
     from fastdiff.eval.assets import shipped_schedule
 
@@ -191,7 +209,8 @@ def test_quickstart_solver_is_the_benchmarks_recommended_setting():
     label, _, schedule = recommended.partition(" + ")
     _, name, overrides, _ = next(e for e in SAMPLER_ENTRIES if e[0] == label)
     config = json.loads((teacher_path("fashion-mnist") / "scheduler" / "scheduler_config.json").read_text())
-    assert dict(make_scheduler(QUICKSTART_SOLVER, config).config) == dict(make_scheduler(name, config, **overrides).config), recommended
+    quickstart = make_scheduler(QUICKSTART_SOLVER, config, **QUICKSTART_SOLVER_CONFIG)
+    assert dict(quickstart.config) == dict(make_scheduler(name, config, **overrides).config), recommended
     fitted = [bool(shipped_schedule("fashion-mnist", QUICKSTART_SOLVER, k, 1.0)["calibration"].get("refined")) for k in (4, 8)]
     assert fitted == [schedule == "fitted schedule"] * 2, recommended
 
