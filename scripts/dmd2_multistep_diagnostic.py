@@ -53,11 +53,19 @@ def main() -> None:
         print(f"error: {args.out} already exists; choose another --out (nothing was computed)", file=sys.stderr)
         sys.exit(2)
     try:
-        pipe = load_pipeline(Path(args.student))
-        steps = generator_timesteps(pipe.scheduler.config.num_train_timesteps, args.generator_steps).tolist()
-    except InputError as e:
+        record = diagnose(args)
+    except InputError as e:  # a folder that is no pipeline, a K or sample count out of range: nothing was written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def diagnose(args: argparse.Namespace) -> dict:
+    """The record: the data's statistics, each step count's FID and statistics, and the mixture's."""
+    if args.samples < 1:
+        raise InputError(f"--samples must be >= 1; got {args.samples}")
+    pipe = load_pipeline(Path(args.student))
+    steps = generator_timesteps(pipe.scheduler.config.num_train_timesteps, args.generator_steps).tolist()
     extractor = load_extractor(args.dataset)
     test = load_source(f"{args.dataset}:test", 1)
     reference = source_features(test, extractor, progress=False)
@@ -69,10 +77,10 @@ def main() -> None:
         outputs.append(images)
         record["steps"].append({"timesteps": steps[:k], "fid": fid_of_samples(images, extractor, reference), **pixel_stats(images)})
         print(json.dumps(record["steps"][-1]), flush=True)
-    mixture = torch.cat([x[i :: len(outputs)] for i, x in enumerate(outputs)])  # image j from step count j mod K + 1
+    mixture = torch.cat([x[i :: len(outputs)] for i, x in enumerate(outputs)])  # each noise once: those of index i mod K after i + 1 steps
     record["mixture"] = {"fid": fid_of_samples(mixture, extractor, reference), **pixel_stats(mixture)}
     print("data", json.dumps(record["data"]), "\nmixture", json.dumps(record["mixture"]))
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 if __name__ == "__main__":
