@@ -72,7 +72,8 @@ class SigmaGridScheduler(SchedulerMixin, ConfigMixin):
     """The diffusers contract around a descending sigma grid: grids from ``num_inference_steps`` / ``timesteps`` /
     ``sigmas`` / ``mu`` for VP and flow models, ``step_index`` / ``begin_index``, ``add_noise`` / ``scale_noise``,
     model output -> x0 conversion (and diffusers' ``thresholding`` of it). Subclasses set the config
-    (``@register_to_config``), call :meth:`_setup` and implement :meth:`_install` (what to do with a new grid) and :meth:`_advance` (one step in sigma space)."""
+    (``@register_to_config``), call :meth:`_setup` and implement :meth:`_install` (what to do with a new grid) and
+    :meth:`_advance` (one step in sigma space)."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + _FLOW_COMPATIBLES
     order = 1

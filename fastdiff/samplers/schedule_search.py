@@ -10,11 +10,12 @@ minimises the summed local error against reference trajectories of the same nois
    sigma_j) - x_j)`` (:func:`step_costs`). A DDIM step from ``i`` needs only ``D(x_i, sigma_i)``, so the whole matrix
    costs ``F`` model calls (GITS's observation) -- none here: the trajectories' first call out of each fine point is
    that very evaluation, and :func:`calibration_costs` reuses it (a fifth of a calibration's calls with 2 sub-steps).
-   ``g(sigma) = sigma_data / sqrt(sigma_data^2 + sigma^2)`` is the gain with which the probability-flow map carries an error at ``sigma`` to the image (exact for Gaussian data of std
-   ``sigma_data``), so the DP minimises the local errors' first-order share of the final error. GITS sums raw local
-   errors; on a VP model (sigma_max ~157) those at high sigma are ~100x larger than what reaches the image, and under
-   guidance the raw DP spent every step there and left one step from sigma ~10 to 0 (fashion-mnist teacher, w = 6:
-   48% diverged images with DPM-Solver++ on that schedule; on the oracle at w = 6 the weighted DP halves Euler's error);
+   ``g(sigma) = sigma_data / sqrt(sigma_data^2 + sigma^2)`` is the gain with which the probability-flow map carries
+   an error at ``sigma`` to the image (exact for Gaussian data of std ``sigma_data``), so the DP minimises the local
+   errors' first-order share of the final error. GITS sums raw local errors; on a VP model (sigma_max ~157) those at
+   high sigma are ~100x larger than what reaches the image, and under guidance the raw DP spent every step there and
+   left one step from sigma ~10 to 0 (fashion-mnist teacher, w = 6: 48% diverged images with DPM-Solver++ on that
+   schedule; on the oracle at w = 6 the weighted DP halves Euler's error);
 3. the cheapest path from ``0`` to ``F - 1`` in exactly ``n`` steps (:func:`optimal_path`, ``O(n F^2)``).
 
 The schedule is then used with any solver (fastdiff's or diffusers' schedulers take it as ``sigmas=`` or
