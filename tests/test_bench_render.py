@@ -30,7 +30,30 @@ def test_divergence_ranking_takes_the_dmd2_row_as_reverse_kl_and_sorts_by_one_st
     fids = {"softened_rkl": 3.0, "jensen_shannon": 2.5, "squared_hellinger": 4.0, "forward_kl": 1.5, "jeffreys": 2.0}
     rows = [{"objective": f"f-distill {d}", "fid": {"1": {"mean": v, "std": 0.1}}} for d, v in fids.items()]
     dmd2 = {"objective": "DMD2", "fid": {"1": {"mean": 2.2, "std": 0.3}}}
-    (line,) = [x for x in _divergence_ranking([dmd2, *rows]) if x]
+    from_cd = {"objective": "f-distill jensen_shannon from CD", "fid": {"1": {"mean": 0.5, "std": 0.1}}}  # another init: not ranked
+    (line,) = [x for x in _divergence_ranking([dmd2, *rows, from_cd]) if x]
     assert "here forward_kl 1.50 < jeffreys 2.00 < reverse_kl 2.20 < jensen_shannon 2.50 < softened_rkl 3.00 < squared_hellinger 4.00" in line
     assert "(largest seed std 0.30)" in line and "forward_kl 1.92 < squared_hellinger 1.99" in line and len(PAPER_DIVERGENCE_FID) == 6
     assert _divergence_ranking(rows) == []  # without the reverse-KL row there is no full ranking
+
+
+def test_distill_rows_name_the_machine_they_were_trained_on_where_it_is_another():
+    """Two CPUs both named "AMD EPYC" (AVX2 and AVX-512) are told apart by the vector capability a record carries."""
+    import torch
+
+    from fastdiff.bench.distill import render_distill
+    from fastdiff.machine import machine, machine_label
+
+    here = machine()
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    fid = {"mean": 3.0, "std": 0.1}
+    row = {"recipe": "recipes/r.yaml", "steps": 10, "batch_size": 8, "wall_minutes": 1.0, "fid": {"1": fid}}
+    rows = [{**row, "objective": "here", "trained_on": machine_label(here)},
+            {**row, "objective": "elsewhere", "trained_on": machine_label({**here, "cpu_capability": "AVX512"})},
+            {**row, "objective": "older record", "trained_on": machine_label({k: v for k, v in here.items() if k != "cpu_capability"})}]
+    data = {"machine": here, "num_samples": 10, "seeds": [0], "student_steps": [1], "teacher_50nfe": fid,
+            "teacher_samplers": {"S": {"1": fid}}, "rows": rows, "not_run": []}  # fmt: skip
+    table = {line.split(" | ")[0].strip("| "): line for line in render_distill(data) if line.startswith("| ")}
+    assert "trained on" not in table["here"]
+    assert "(trained on " + here["cpu"] + " (AVX512), " in table["elsewhere"]
+    assert "(trained on " + here["cpu"] + ", " in table["older record"]

@@ -21,6 +21,16 @@ def test_help_lists_subcommands():
         assert command in out.stdout
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_info_says_whether_bf16_training_is_emulated_here(monkeypatch, capsys, kernels):
+    from fastdiff import machine
+
+    monkeypatch.setattr(machine, "cpu_bf16_kernels", lambda: kernels)
+    assert main(["info"]) == 0
+    cpu = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU: "))
+    assert ("--set trainer.mixed_precision=no" in cpu) != kernels
+
+
 def test_schedule_prints_the_grid(tmp_path, capsys):
     DDIMScheduler(timestep_spacing="trailing").save_config(tmp_path)
     assert main(["schedule", str(tmp_path), "--steps", "4"]) == 0

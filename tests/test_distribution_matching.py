@@ -370,3 +370,56 @@ def test_generator_gan_term_has_the_gan_loss_value_and_gradient():
     got = torch.cat([(a - b).flatten() for a, b in zip(grads, dm_only)])
     expect = torch.cat([g.flatten() for g in expect])
     torch.testing.assert_close(got, expect, rtol=1e-3, atol=1e-5 * float(expect.abs().max()))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_feature_tap_run_to_stops_the_forward_pass_at_the_bottleneck(kind, checkpointing):
+    """As DMD2's classifier forward (``classify_mode``): the layers after the bottleneck are not run, the features and
+    their gradients (with gradient checkpointing too, whose backward recomputes blocks) are those of the full pass,
+    and the tap is disarmed afterwards (the next full pass returns the model's output)."""
+    from fastdiff.denoisers import call_model
+    from fastdiff.objectives.critic import FeatureTap, bottleneck
+
+    from conftest import tiny_dit
+
+    net, channels = (tiny_unet(num_class_embeds=4), 1) if kind == "unet" else (tiny_dit(num_layers=3), 4)
+    if checkpointing:
+        net.enable_gradient_checkpointing()
+    after = net.up_blocks[0] if kind == "unet" else net.transformer_blocks[-1]
+    checkpointed = net.mid_block.resnets[-1] if kind == "unet" else bottleneck(net)  # recomputed in backward if so
+    calls, recomputed = [], []
+    after.register_forward_hook(lambda *_: calls.append(1))
+    tap = FeatureTap(bottleneck(net))
+    x = torch.randn(2, channels, 8, 8, requires_grad=True)
+    t, cond = torch.tensor([10, 500]), {"class_labels": torch.tensor([0, 1])}
+    out = call_model(net, x, t, cond)
+    full = tap.take()
+    assert calls
+    calls.clear()
+    early = tap.run_to(lambda: call_model(net, x, t, cond))
+    assert not calls, "the layers after the bottleneck ran"
+    torch.testing.assert_close(early, full, rtol=0, atol=0)
+    params = [x, *(p for p in net.parameters() if p.requires_grad)][:6]
+    # (a pre-hook: torch's recomputation stops once it has what backward needs, before any forward hook fires)
+    checkpointed.register_forward_pre_hook(lambda *_: recomputed.append(1))
+    grads_early = torch.autograd.grad(early.square().sum(), params, allow_unused=True)
+    assert bool(recomputed) == checkpointing
+    for a, b in zip(grads_early, torch.autograd.grad(full.square().sum(), params, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(call_model(net, x, t, cond), out)
+    assert calls
+
+
+def test_gan_logits_do_not_run_the_fake_scores_decoder():
+    obj = _objective()
+    calls = []
+    obj.fake.up_blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), {"class_labels": torch.tensor([0, 1])}
+    logits = obj.logits(x, t, cond)
+    assert logits.shape == (2, 1) and not calls
+    obj._x0("fake", x, t, cond)
+    torch.testing.assert_close(obj.head(obj._tap.take()), logits, rtol=0, atol=0)
+    assert calls

@@ -244,3 +244,41 @@ def test_torchrun_two_phase_objective_matches_one_process(tmp_path):
     for x, y in zip(a, b):
         for key in (k for k in x if k.startswith("loss")):
             assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+
+
+@pytest.mark.parametrize("kernels, precision, warned", [(False, "bf16", True), (True, "bf16", False), (False, "no", False)])
+def test_emulated_bf16_on_a_cpu_warns(tmp_path, monkeypatch, kernels, precision, warned):
+    """bf16 autocast on a CPU without bf16 kernels (AVX2 only) is emulated, 14x slower than fp32: the run says so and
+    names the fix; with the kernels, or in fp32, it says nothing."""
+    import warnings
+
+    from fastdiff import machine
+
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(machine, "cpu_bf16_kernels", lambda: kernels)
+    AcceleratorState._reset_state(True)  # (accelerate keeps one precision per process: the other tests run in fp32)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _tiny_run(tmp_path, steps=1, mixed_precision=precision)
+    finally:
+        AcceleratorState._reset_state(True)
+    slow = [w for w in caught if "without bf16 kernels" in str(w.message)]
+    assert bool(slow) == warned
+    assert not slow or "--set trainer.mixed_precision=no" in str(slow[0].message)
+
+
+def test_cpu_bf16_kernels_agree_with_the_cpu_flags():
+    """oneDNN's bf16 kernels exist with AVX-512 (native bf16 dot products with AVX512_BF16 or AMX) and not on AVX2."""
+    from fastdiff.machine import cpu_bf16_kernels
+
+    info = Path("/proc/cpuinfo")
+    lines = [line for line in info.read_text().splitlines() if line.startswith("flags")] if info.is_file() else []
+    if not lines:
+        pytest.skip("no x86 CPU flags to compare with")
+    flags = set(lines[0].split(":", 1)[1].split())
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert cpu_bf16_kernels()
+    if not flags & {"avx512bw", "amx_bf16"}:
+        assert not cpu_bf16_kernels()

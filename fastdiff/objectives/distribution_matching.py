@@ -230,9 +230,9 @@ class DistributionMatching(Objective):
         return alpha * x0 + beta * noise
 
     def logits(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        """The classifier's realism logits ``(B, 1)`` of samples ``x_t`` at timesteps ``t`` (fake-score features)."""
-        self._x0("fake", x, t, cond)
-        return self.head(self._tap.take())
+        """The classifier's realism logits ``(B, 1)`` of samples ``x_t`` at timesteps ``t`` (fake-score features; the
+        fake score runs only up to its bottleneck)."""
+        return self.head(self._tap.run_to(lambda: self._x0("fake", x, t, cond)))
 
     def _gan_logits(self, x: Tensor, cond: dict, seeds: Tensor, stream: int) -> Tensor:
         n = self.schedule.num_train_timesteps
