@@ -49,5 +49,6 @@ def cpu_bf16_kernels() -> bool:
 
 def cpu_summary() -> str:
     """``fastdiff info``'s line on the CPU: its vector capability and whether bf16 training would be emulated."""
-    bf16 = "bf16 kernels" if cpu_bf16_kernels() else "no bf16 kernels: train with --set trainer.mixed_precision=no (bf16 is emulated, ~14x slower)"
+    bf16 = ("bf16 kernels (mixed_precision auto: bf16)" if cpu_bf16_kernels() else
+            "no bf16 kernels: bf16 is emulated, ~14x slower; mixed_precision auto trains in fp32, or pass --set trainer.mixed_precision=no")  # fmt: skip
     return f"CPU: {torch.backends.cpu.get_cpu_capability()}, {bf16}"

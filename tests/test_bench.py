@@ -369,6 +369,37 @@ def test_bench_report_command_takes_paths(tmp_path, monkeypatch, recwarn):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["R.md", "in", "out"]
 
 
+def test_step_costs_are_rendered_from_the_json_and_the_full_forward_is_the_old_classifier():
+    """The step-cost line states both ratios from the record; the benchmark's stand-in for the pre-run_to classifier
+    gives the same logits as run_to with the decoder run (its hooks counted), and is undone after."""
+    import torch
+    from conftest import tiny_unet
+
+    from fastdiff.bench.distill import _classifier_runs_through, _step_cost_lines
+    from fastdiff.objectives.critic import FeatureTap, bottleneck
+
+    costs = {"dmd2": {"recipe": "recipes/dmd2_digits.yaml", "batch_size": 128, "steps": 20, "early_stop_s_per_step": 0.8,
+                      "full_forward_s_per_step": 1.0, "generators_identical": True},
+             "bf16": {"recipe": "recipes/cd_digits.yaml", "batch_size": 128, "steps": 5, "fp32_s_per_step": 0.5, "bf16_s_per_step": 7.0,
+                      "cpu_capability": "AVX2", "bf16_kernels": False}}  # fmt: skip
+    (line,) = [x for x in _step_cost_lines(costs) if x]
+    assert "800 ms per step vs 1000 ms" in line and "**-20%**" in line and "bit-identical" in line
+    assert "7.00 s per step vs 0.50 s in fp32 (**14.0x**" in line and "AVX2, has no bf16 kernels" in line
+    assert _step_cost_lines(None) == []
+    torch.manual_seed(0)
+    net = tiny_unet()
+    tap, calls = FeatureTap(bottleneck(net)), []
+    net.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    early = tap.run_to(lambda: net(x, t))
+    assert calls == []
+    with _classifier_runs_through():
+        torch.testing.assert_close(tap.run_to(lambda: net(x, t)), early)
+    assert calls == [1]
+    tap.run_to(lambda: net(x, t))
+    assert calls == [1]  # undone: run_to stops at the bottleneck again
+
+
 def test_distill_recipes_come_from_the_given_folder(tmp_path):
     """The distill benchmark trains the repository's recipes read from --recipes (default ./recipes); a folder
     without them is a one-line error that says what to pass."""

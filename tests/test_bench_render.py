@@ -57,3 +57,20 @@ def test_distill_rows_name_the_machine_they_were_trained_on_where_it_is_another(
     assert "trained on" not in table["here"]
     assert "(trained on " + here["cpu"] + " (AVX512), " in table["elsewhere"]
     assert "(trained on " + here["cpu"] + ", " in table["older record"]
+
+
+def test_a_students_record_names_its_cpu_capability_and_precision(tmp_path):
+    """training.json keeps the CPU's vector capability (two CPUs named "AMD EPYC" were an AVX2 and an AVX-512 one) and
+    the precision the run resolved (``auto``: fp32 without bf16 kernels); the table's provenance prints both."""
+    import json
+
+    from fastdiff.bench.distill import _trained_on
+    from fastdiff.machine import machine
+    from fastdiff.training.distill import _machine
+
+    assert _machine()["cpu_capability"] == machine()["cpu_capability"]
+    m = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cores": 2, "torch_threads": 1, "device": "cpu"}
+    for precision, says in (("no", "AMD EPYC (AVX2), 1 torch thread(s), fp32"), ("bf16", "AMD EPYC (AVX2), 1 torch thread(s), bf16 autocast"),
+                            (None, "AMD EPYC (AVX2), 1 torch thread(s)")):  # fmt: skip
+        (tmp_path / "training.json").write_text(json.dumps({"machine": m, "mixed_precision": precision}))
+        assert _trained_on(tmp_path) == says

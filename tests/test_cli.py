@@ -28,7 +28,7 @@ def test_info_says_whether_bf16_training_is_emulated_here(monkeypatch, capsys, k
     monkeypatch.setattr(machine, "cpu_bf16_kernels", lambda: kernels)
     assert main(["info"]) == 0
     cpu = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU: "))
-    assert ("--set trainer.mixed_precision=no" in cpu) != kernels
+    assert ("--set trainer.mixed_precision=no" in cpu) != kernels and ("auto: bf16" in cpu) == kernels
 
 
 def test_schedule_prints_the_grid(tmp_path, capsys):

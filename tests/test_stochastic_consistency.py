@@ -11,6 +11,7 @@ from torch import nn
 from fastdiff.errors import InputError
 from fastdiff.objectives.consistency_distillation import ConsistencyDistillation
 from fastdiff.objectives.critic import TimeDiscriminator
+from fastdiff.objectives.losses import hinge_generator_loss
 from fastdiff.objectives.stochastic_consistency import StochasticConsistency
 from fastdiff.schedules import VPSchedule
 
@@ -99,3 +100,25 @@ def test_adversarial_phases_train_their_own_networks():
     assert all(p.grad is None for p in obj.cd.net.parameters()) and obj.discriminator.image.head.weight.grad is not None
     with pytest.raises(InputError, match="needs a discriminator and adversarial_weight > 0"):
         StochasticConsistency(tiny_unet(num_class_embeds=4), SCHEDULE, "v_prediction", 3)
+
+
+def test_adaptive_adversary_gives_the_adversary_its_weight_of_the_gradient_at_the_output():
+    """``adaptive_adversary``: the weighted hinge term's gradient at the student's output f_theta(x_t, t) has norm
+    ``adversarial_weight`` times the CD term's there (VQGAN's ratio); a fixed weight does not."""
+    torch.manual_seed(0)
+    obj = StochasticConsistency(tiny_unet(num_class_embeds=4), SCHEDULE, "v_prediction", 3, discriminator=TimeDiscriminator(1, 8),
+                                adversarial_weight=0.4, adaptive_adversary=True)  # fmt: skip
+    out = obj(_batch(), "student", 0)
+    loss, student, t, _, _ = obj.cd.consistency(_batch())  # the same draw: every draw comes from the sample seeds
+    cd = loss.mean()
+    torch.testing.assert_close(cd, out.terms["distillation"])
+    hinge = hinge_generator_loss(obj.discriminator(student, t))
+    w = out.logs["adversarial_weight"]
+    torch.testing.assert_close(w * hinge, out.terms["adversarial"])
+    (g_cd,) = torch.autograd.grad(cd, student, retain_graph=True)
+    (g_hinge,) = torch.autograd.grad(hinge, student)
+    assert w == pytest.approx(0.4 * float(g_cd.norm() / (g_hinge.norm() + 1e-4)), rel=1e-5)  # VQGAN's 1e-4
+    assert w * g_hinge.norm() == pytest.approx(0.4 * g_cd.norm(), rel=1e-2)  # the adversary's share at the output
+    assert out.logs["adversarial_weight"] < 0.1  # at initialisation the hinge gradient dwarfs the L2 one
+    fixed = StochasticConsistency(obj.cd.teacher, SCHEDULE, "v_prediction", 3, discriminator=obj.discriminator, adversarial_weight=0.4)
+    assert fixed(_batch(), "student", 0).logs["adversarial_weight"] == 0.4

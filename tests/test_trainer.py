@@ -246,10 +246,12 @@ def test_torchrun_two_phase_objective_matches_one_process(tmp_path):
             assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
 
 
-@pytest.mark.parametrize("kernels, precision, warned", [(False, "bf16", True), (True, "bf16", False), (False, "no", False)])
-def test_emulated_bf16_on_a_cpu_warns(tmp_path, monkeypatch, kernels, precision, warned):
+@pytest.mark.parametrize("kernels, precision, warned, ran_in", [(False, "bf16", True, "bf16"), (True, "bf16", False, "bf16"), (False, "no", False, "no"),
+                                                          (False, "auto", False, "no"), (True, "auto", False, "bf16")])  # fmt: skip
+def test_emulated_bf16_on_a_cpu_warns(tmp_path, monkeypatch, kernels, precision, warned, ran_in):
     """bf16 autocast on a CPU without bf16 kernels (AVX2 only) is emulated, 14x slower than fp32: the run says so and
-    names the fix; with the kernels, or in fp32, it says nothing."""
+    names the fix; with the kernels, or in fp32, it says nothing. ``auto`` trains in bf16 only where the kernels are,
+    and the run's record says which precision it ran in."""
     import warnings
 
     from fastdiff import machine
@@ -261,11 +263,11 @@ def test_emulated_bf16_on_a_cpu_warns(tmp_path, monkeypatch, kernels, precision,
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _tiny_run(tmp_path, steps=1, mixed_precision=precision)
+            _, record = _tiny_run(tmp_path, steps=1, mixed_precision=precision)
     finally:
         AcceleratorState._reset_state(True)
     slow = [w for w in caught if "without bf16 kernels" in str(w.message)]
-    assert bool(slow) == warned
+    assert bool(slow) == warned and record["mixed_precision"] == ran_in
     assert not slow or "--set trainer.mixed_precision=no" in str(slow[0].message)
 
 
@@ -282,3 +284,22 @@ def test_cpu_bf16_kernels_agree_with_the_cpu_flags():
         assert cpu_bf16_kernels()
     if not flags & {"avx512bw", "amx_bf16"}:
         assert not cpu_bf16_kernels()
+
+
+def test_images_per_second_counts_the_steps_of_each_log_interval(tmp_path, monkeypatch):
+    """With a clock that advances one second per step, every logged interval reads batch_size images per second: also
+    the last, shorter one (5 steps, log_every 2), and the first after a resume from a step that is not a multiple."""
+    import fastdiff.training.trainer as trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+
+    def tick(objective):
+        objective.register_forward_pre_hook(lambda *a: clock.__setitem__(0, clock[0] + 1.0))
+
+    _, record = _tiny_run(tmp_path, steps=5, objective_wrapper=tick, log_every=2, checkpoint_every=3)
+    assert [h["step"] for h in record["history"]] == [2, 4, 5]
+    assert [h["images_per_s"] for h in record["history"]] == [32.0, 32.0, 32.0]
+    _, record = _tiny_run(tmp_path, steps=8, objective_wrapper=tick, log_every=2, checkpoint_every=3, resume="latest")
+    assert record["start_step"] == 3 and [h["step"] for h in record["history"]] == [4, 6, 8]
+    assert [h["images_per_s"] for h in record["history"]] == [32.0, 32.0, 32.0]

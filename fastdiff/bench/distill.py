@@ -8,11 +8,13 @@ and ``--resume`` continues them from their checkpoints (or takes a finished stud
 kill, and keeps the FIDs already scored; each training's rows are one cell of ``--resume`` (kept once scored, even where
 the training's folder is gone) and of ``--shard`` (the trainings split over processes). On digits, also the trainer's
 overhead: steps/s of :func:`fastdiff.training.trainer.train` against a plain PyTorch loop doing the same computation
-(same objective, batches, optimiser, clipping, EMA), measured alternately in the same process.
+(same objective, batches, optimiser, clipping, EMA), measured alternately in the same process; and the step costs of
+two choices that decide how long a CPU training takes (:func:`step_costs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -27,7 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill", "bench_distill_fashion", "trainer_overhead", "render_distill"]
+__all__ = ["DISTILL_RECIPES", "FASHION_RECIPES", "DISTILL_SETS", "bench_distill", "bench_distill_fashion", "trainer_overhead", "step_costs",
+           "render_distill"]  # fmt: skip
 
 # label -> (recipe, overrides[, sampling]): iLCT is run as written and without its minibatch OT pairing (the switch that
 # decides the recipe's default on digits); DMD2 as written (one-step generator, fake score updated 5 times per generator
@@ -47,6 +50,9 @@ DISTILL_RECIPES = {
     "SCott eta=1": ("recipes/scott_digits.yaml", ("scott.eta=1",)),
     "SCott h=1": ("recipes/scott_digits.yaml", ("scott.substeps=1",)),
     "SCott without adversary": ("recipes/scott_digits.yaml", ("scott.adversarial_weight=0", "trainer.phase_optim={}")),  # no discriminator phase
+    # the adversary's weight 0.4 times VQGAN's gradient-norm ratio at the student's output (about 0.026 at step 0)
+    "SCott adaptive adversary": ("recipes/scott_digits.yaml", ("scott.adaptive_adversary=true",)),
+    "SCott adaptive adversary eta=0.1": ("recipes/scott_digits.yaml", ("scott.adaptive_adversary=true", "scott.eta=0.1")),
     "DMD2": ("recipes/dmd2_digits.yaml", ()),
     "DMD2 4-step": ("recipes/dmd2_digits.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
     "DMD2 TTUR 1": ("recipes/dmd2_digits.yaml", ("trainer.phase_optim.generator.update_every=1",)),
@@ -124,6 +130,8 @@ def bench_distill(quick: bool = False, progress: bool = True, recipes: str | Pat
     result = _bench_set("digits", quick, progress, recipes, cells, rows)
     result["trainer_overhead"] = (cells or Cells(None))(
         f"trainer overhead quick={quick}", lambda: trainer_overhead(steps=10 if quick else 40, repeats=1 if quick else 3, recipes=recipes))
+    result["step_costs"] = (cells or Cells(None))(
+        f"step costs quick={quick}", lambda: step_costs(steps=4 if quick else 20, repeats=1 if quick else 3, recipes=recipes))
     return result
 
 
@@ -268,11 +276,15 @@ def _check_teacher_finished(result: dict, cells: Any, bench: str) -> None:
 
 
 def _trained_on(student: Path) -> str | None:
-    """Where a student's minutes were measured (its training.json's machine), as the table prints it."""
+    """Where a student's minutes were measured (its training.json's machine) and in which precision, as the table
+    prints it."""
     from fastdiff.machine import machine_label
 
-    m = json.loads((student / "training.json").read_text()).get("machine") if (student / "training.json").is_file() else None
-    return machine_label(m) if m else None
+    record = json.loads((student / "training.json").read_text()) if (student / "training.json").is_file() else {}
+    if not record.get("machine"):
+        return None
+    precision = {"bf16": ", bf16 autocast", "fp16": ", fp16 autocast", "no": ", fp32"}.get(record.get("mixed_precision"), "")
+    return machine_label(record["machine"]) + precision
 
 
 def _trainings(recipes: dict[str, tuple]) -> dict[str, list[tuple]]:
@@ -365,6 +377,75 @@ def trainer_overhead(steps: int = 40, repeats: int = 3, recipes: str | Path = "r
             "overhead": f / p - 1, "all_fastdiff": fastdiff_s, "all_plain": plain_s}  # fmt: skip
 
 
+def step_costs(steps: int = 20, repeats: int = 3, recipes: str | Path = "recipes") -> dict:
+    """Seconds per step (median of ``repeats`` alternating runs through the trainer, the second half of each timed) of
+    two choices that decide a CPU training's length: DMD2's GAN classifier reading the fake score only up to its
+    bottleneck (:meth:`~fastdiff.objectives.critic.FeatureTap.run_to`) against the whole forward pass, with the two
+    runs' generators compared weight for weight; and CD in bf16 autocast against fp32 on this CPU (a CPU without bf16
+    kernels emulates them)."""
+    from fastdiff.bench.common import recipe_file
+    from fastdiff.datasets import load_digits
+    from fastdiff.machine import cpu_bf16_kernels
+    from fastdiff.training.config import load_config
+    from fastdiff.training.distill import DistillRecipe, build_objective
+
+    data = load_digits("train")
+
+    def built(label: str, overrides: list[str], n: int) -> tuple[Any, Any]:
+        fixed = ["trainer.tracker=none", "trainer.checkpoint_every=100000", f"trainer.log_every={n // 2}", f"trainer.steps={n}"]
+        recipe = load_config(DistillRecipe, recipe_file(DISTILL_RECIPES[label][0], recipes), fixed + overrides)
+        torch.manual_seed(0)
+        objective, _ = build_objective(recipe, 1, 8, data.num_classes)
+        return objective, recipe.trainer
+
+    dmd, dmd_cfg = built("DMD2", [], steps)
+    cd = {p: built("CD (LCM-style)", [f"trainer.mixed_precision={p}"], max(2, steps // 4)) for p in ("no", "bf16")}
+    early, through, fp32, bf16, same = [], [], [], [], True
+    for _ in range(repeats):
+        (a, net_a), (b, net_b) = _trained(dmd, dmd_cfg, data), _trained(dmd, dmd_cfg, data, _classifier_runs_through())
+        early.append(a), through.append(b)
+        same &= all(torch.equal(p, q) for p, q in zip(net_a.parameters(), net_b.parameters()))
+        fp32.append(_trained(*cd["no"], data)[0]), bf16.append(_trained(*cd["bf16"], data)[0])
+    med = statistics.median
+    return {"dmd2": {"recipe": DISTILL_RECIPES["DMD2"][0], "batch_size": dmd_cfg.batch_size, "steps": steps, "early_stop_s_per_step": med(early),
+                     "full_forward_s_per_step": med(through), "generators_identical": same, "all_early_stop": early, "all_full_forward": through},
+            "bf16": {"recipe": DISTILL_RECIPES["CD (LCM-style)"][0], "batch_size": cd["no"][1].batch_size, "steps": cd["no"][1].steps,
+                     "fp32_s_per_step": med(fp32), "bf16_s_per_step": med(bf16), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "bf16_kernels": cpu_bf16_kernels(), "all_fp32": fp32, "all_bf16": bf16}}  # fmt: skip
+
+
+def _trained(objective, cfg, data, context: Any = None) -> tuple[float, torch.nn.Module]:
+    """Seconds per step of the second half of ``cfg.steps`` through the trainer (a copy of ``objective``; accelerate's
+    precision reset after), and the EMA network."""
+    import warnings
+
+    from accelerate.state import AcceleratorState
+
+    from fastdiff.training.trainer import train
+
+    try:
+        with context or contextlib.nullcontext(), tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the trainer's warning on emulated bf16: measured here
+            net, record = train(copy.deepcopy(objective), data.data, data.labels, cfg, tmp, {}, progress=False)
+    finally:
+        AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    return cfg.batch_size / record["history"][-1]["images_per_s"], net
+
+
+@contextlib.contextmanager
+def _classifier_runs_through():
+    """DMD2's classifier as before :meth:`FeatureTap.run_to` stopped it: the fake score's whole forward pass, the
+    bottleneck's features kept by the hook."""
+    from fastdiff.objectives.critic import FeatureTap
+
+    early = FeatureTap.run_to
+    FeatureTap.run_to = lambda tap, forward: (forward(), tap.take())[1]
+    try:
+        yield
+    finally:
+        FeatureTap.run_to = early
+
+
 def _plain_loop(objective, data, cfg, steps, global_batch) -> float:
     """The same computation without the trainer: batch, loss, backward, clip, RAdam step, warm-up, EMA."""
     o = cfg.optim
@@ -432,7 +513,21 @@ def render_distill(data: dict) -> list[str]:
         lines += ["", f"Trainer overhead ({o['objective']}, batch {o['batch_size']}): {o['fastdiff_s_per_step'] * 1000:.0f} ms per step in "
                   f"`fastdiff.training.trainer.train` vs {o['plain_s_per_step'] * 1000:.0f} ms in a plain PyTorch loop doing the same computation: "
                   f"**{o['overhead']:+.1%}** (target <= 5%)."]  # fmt: skip
+    lines += _step_cost_lines(data.get("step_costs"))
     return lines
+
+
+def _step_cost_lines(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    d, b = c["dmd2"], c["bf16"]
+    kernels = "has bf16 kernels" if b["bf16_kernels"] else "has no bf16 kernels: bf16 is emulated"
+    return ["", f"Step costs (median of alternating runs through the trainer, batch {d['batch_size']}): DMD2 (`{d['recipe']}`) with the GAN "
+            f"classifier's forward stopped at the fake score's bottleneck {d['early_stop_s_per_step'] * 1000:.0f} ms per step vs "
+            f"{d['full_forward_s_per_step'] * 1000:.0f} ms through the whole network (**{d['early_stop_s_per_step'] / d['full_forward_s_per_step'] - 1:+.0%}**), "
+            f"generators after {d['steps']} steps {'bit-identical' if d['generators_identical'] else 'NOT identical'}; CD (`{b['recipe']}`) in bf16 autocast "
+            f"{b['bf16_s_per_step']:.2f} s per step vs {b['fp32_s_per_step']:.2f} s in fp32 (**{b['bf16_s_per_step'] / b['fp32_s_per_step']:.1f}x**; "
+            f"this CPU: {b['cpu_capability']}, {kernels})."]  # fmt: skip
 
 
 # f-distill's CIFAR-10 table (Xu, Nie & Vahdat 2025, Table 2; class-conditional, 1 NFE, with GAN)

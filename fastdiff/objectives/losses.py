@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from fastdiff.errors import InputError
 
 __all__ = [
     "pseudo_huber", "pseudo_huber_elementwise", "cauchy", "mse", "squared_l2", "ict_huber_c", "weighted_denoising_mse",
-    "DISTANCES", "distance", "hinge_discriminator_loss", "hinge_generator_loss",
+    "DISTANCES", "distance", "hinge_discriminator_loss", "hinge_generator_loss", "adaptive_weight",
 ]  # fmt: skip
 
 
@@ -71,6 +72,17 @@ def distance(kind: str, a: Tensor, b: Tensor, c: float) -> Tensor:
     if kind not in DISTANCES:
         raise InputError(f"unknown loss {kind!r}; expected one of {sorted(DISTANCES)}")
     return DISTANCES[kind](a.float(), b.float(), c)
+
+
+def adaptive_weight(main: Tensor, other: Tensor, at: Tensor, lo: float, hi: float) -> Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7), as CTM and SCott's ``adaptive_adversary`` use it:
+    ``||grad_at main|| / (||grad_at other|| + 1e-4)`` clamped to ``[lo, hi]``, detached (it scales ``other``, it is not
+    trained). ``at``: a tensor both losses depend on -- a last layer's weight (VQGAN, CTM) or the network's output."""
+    (g_main,) = torch.autograd.grad(main, at, retain_graph=True, allow_unused=True)
+    (g_other,) = torch.autograd.grad(other, at, retain_graph=True, allow_unused=True)
+    if g_main is None or g_other is None:
+        return main.new_tensor(hi if g_other is None else lo)
+    return (g_main.norm() / (g_other.norm() + 1e-4)).clamp(lo, hi).detach()
 
 
 def hinge_discriminator_loss(logits_fake: Tensor, logits_real: Tensor) -> Tensor:

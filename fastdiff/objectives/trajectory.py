@@ -40,7 +40,7 @@ from fastdiff.denoisers import CFGDenoiser, DiffusersDenoiser
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import EMATarget, LossOutput, Objective, per_sample_rand, per_sample_randn
 from fastdiff.objectives.conditioning import ClassConditioner, condition_kwargs, dropout_mask, view
-from fastdiff.objectives.losses import hinge_discriminator_loss, hinge_generator_loss, mse, weighted_denoising_mse
+from fastdiff.objectives.losses import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, mse, weighted_denoising_mse
 from fastdiff.samplers.consistency import ctm_jump
 from fastdiff.samplers.grids import karras_sigmas
 from fastdiff.samplers.ode import heun_step
@@ -74,16 +74,6 @@ def ctm_loss(jump: Callable, target_jump: Callable, x_t: Tensor, x_u: Tensor, t:
     with torch.no_grad():
         x_target = target_jump(jump(x_u, u, s), s, sigma_min)
     return distance(x_est.float(), x_target.float()), x_est
-
-
-def adaptive_weight(main: Tensor, other: Tensor, param: nn.Parameter, lo: float, hi: float) -> Tensor:
-    """VQGAN's adaptive weight as CTM uses it: ``||grad_param main|| / (||grad_param other|| + 1e-4)`` clamped to
-    ``[lo, hi]``, detached (it scales ``other``, it is not trained)."""
-    (g_main,) = torch.autograd.grad(main, param, retain_graph=True, allow_unused=True)
-    (g_other,) = torch.autograd.grad(other, param, retain_graph=True, allow_unused=True)
-    if g_main is None or g_other is None:
-        return main.new_tensor(hi if g_other is None else lo)
-    return (g_main.norm() / (g_other.norm() + 1e-4)).clamp(lo, hi).detach()
 
 
 class ConsistencyTrajectory(Objective):

@@ -111,6 +111,7 @@ class ScottConfig:
     eta: float = 0.3  # the teacher's DDIM noise; 0 with substeps 1 and no adversary is CD
     substeps: int = 3  # h: teacher sub-steps per jump (the paper's default)
     adversarial_weight: float = 0.4  # 0: no discriminator
+    adaptive_adversary: bool = False  # times VQGAN's ratio ||grad L_CD|| / ||grad L_adv|| at the student's output
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _machine() -> dict:
     """What a training's minutes were measured on (kept in the student's training.json)."""
     from fastdiff.machine import machine
 
-    return {k: v for k, v in machine().items() if k in ("cpu", "cores", "torch_threads", "device")}
+    return {k: v for k, v in machine().items() if k in ("cpu", "cpu_capability", "cores", "torch_threads", "device")}
 
 
 def recipe_identity(recipe: dict) -> dict:
@@ -225,7 +226,7 @@ def build_objective(recipe: DistillRecipe, channels: int, size: int, num_classes
         sc = recipe.scott
         disc = TimeDiscriminator(channels, size, config.get("num_train_timesteps", 1000)) if sc.adversarial_weight > 0 else None
         objective = StochasticConsistency(*teacher, eta=sc.eta, substeps=sc.substeps, discriminator=disc,
-                                          adversarial_weight=sc.adversarial_weight, **cd)  # fmt: skip
+                                          adversarial_weight=sc.adversarial_weight, adaptive_adversary=sc.adaptive_adversary, **cd)  # fmt: skip
     else:
         objective = ConsistencyDistillation(*teacher, **cd)
     return objective, _lcm_scheduler(config, d.num_ddim_timesteps)
@@ -464,5 +465,6 @@ def _save_student(recipe: DistillRecipe, ema_net: nn.Module, scheduler: Any, out
         "wall_minutes_all_pieces": round(record["seconds_all_pieces"] / 60, 2),
         "final_eval": evals[-1] if evals else None, "parameters": sum(p.numel() for p in net.parameters()),
         "history": record["history"][-20:], "torch": torch.__version__, "machine": _machine(),
+        "mixed_precision": record.get("mixed_precision"),
     }, indent=2) + "\n")  # fmt: skip
     tmp.rename(student_dir)

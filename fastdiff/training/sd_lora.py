@@ -220,7 +220,7 @@ def lcm_objective(sd: SDConfig, unet, scheduler_config: dict, conditioner, scott
     channels, size = unet.config.in_channels, sd.resolution // 8  # the VAE's latents
     disc = TimeDiscriminator(channels, size, scheduler_config.get("num_train_timesteps", 1000)) if scott.adversarial_weight > 0 else None
     return StochasticConsistency(*teacher, eta=scott.eta, substeps=scott.substeps, discriminator=disc,
-                                 adversarial_weight=scott.adversarial_weight, **cd)  # fmt: skip
+                                 adversarial_weight=scott.adversarial_weight, adaptive_adversary=scott.adaptive_adversary, **cd)  # fmt: skip
 
 
 def _check_dmd(recipe: SDLoRARecipe) -> None:

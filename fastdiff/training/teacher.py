@@ -82,7 +82,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: what `accelerate launch` was told
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = None  # None: what `accelerate launch` was told; auto: see TrainerConfig
     compile: bool = False  # torch.compile the model
     log_every: int = 10
     checkpoint_every: int = 500

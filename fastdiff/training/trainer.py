@@ -32,7 +32,7 @@ from fastdiff.training.ema import EMA, decay_from_half_life, ema_update_
 from fastdiff.errors import InputError
 from fastdiff.objectives.base import Objective
 
-__all__ = ["OptimConfig", "TrainerConfig", "TrainingStopped", "train", "find_checkpoint"]
+__all__ = ["OptimConfig", "TrainerConfig", "TrainingStopped", "train", "find_checkpoint", "resolve_precision"]
 
 
 @dataclass
@@ -54,7 +54,8 @@ class TrainerConfig:
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     ema_half_life: float | None = None  # in steps; overrides ema_decay
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: what `accelerate launch` was told
+    # None: what `accelerate launch` was told; "auto": bf16 where the device has bf16 kernels, else fp32 (resolve_precision)
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = None
     compile: bool = False  # torch.compile the trained network
     seed: int = 0
     log_every: int = 10
@@ -97,7 +98,7 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     if cfg.batch_size % cfg.grad_accum:
         raise InputError(f"trainer.batch_size={cfg.batch_size} must be divisible by trainer.grad_accum={cfg.grad_accum}")
     _check_phases(objective, cfg)
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=_tracker(cfg.tracker), project_dir=str(out),
+    accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), log_with=_tracker(cfg.tracker), project_dir=str(out),
                                              cpu=not torch.cuda.is_available(),  # cpu: torchrun on CPU runs gloo processes
                                              kwargs_handlers=_ddp_kwargs(objective))  # fmt: skip
     _check_precision(accelerator.mixed_precision, accelerator.device)
@@ -134,6 +135,7 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     last_ckpt = latest_good(ckpt_dir, fingerprint)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accelerator.is_main_process)
     tick = began = time.perf_counter()
+    ticked = start  # steps done at the last log (the last interval may be shorter than log_every)
     terms: dict[str, Tensor] = {}  # each phase's latest terms and logs, on the device: read only at log steps
     for step in bar:
         shard = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
@@ -146,8 +148,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logs = _reduce_logs(accelerator, terms)
             now = time.perf_counter()
-            logs["images_per_s"] = cfg.log_every * cfg.batch_size / max(now - tick, 1e-9)
-            tick = now
+            logs["images_per_s"] = (step + 1 - ticked) * cfg.batch_size / max(now - tick, 1e-9)
+            tick, ticked = now, step + 1
             accelerator.log(logs, step=step + 1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
             history.append({"step": step + 1, **logs})
@@ -161,14 +163,14 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
             _evaluate(evaluate, ema.model, step + 1, out, accelerator)
     bar.close()
     accelerator.wait_for_everyone()
-    main, device = accelerator.is_main_process, str(accelerator.device)
+    main, device, precision = accelerator.is_main_process, str(accelerator.device), accelerator.mixed_precision
     # The DDP wrapper (its reducer) must go before the process group it talks to: gloo aborted ("terminate called
     # without an active exception") at exit in ~15% of 2-process runs of a multi-phase objective otherwise.
     del model, optims, scheds, prepared
     accelerator.free_memory()
     accelerator.end_training()  # also ends the process group
     record = {"history": history, "start_step": start, "num_processes": world, "is_main_process": main, "device": device,
-              "seconds_all_pieces": elapsed + time.perf_counter() - began}  # with a resumed run's earlier pieces (as checkpointed)
+              "mixed_precision": precision, "seconds_all_pieces": elapsed + time.perf_counter() - began}  # with a resumed run's earlier pieces (as checkpointed)
     return ema.model, record
 
 
@@ -295,6 +297,19 @@ def _warmup(steps: int) -> Callable[[int], float]:
     return lambda k: min(1.0, (k + 1) / steps) if steps > 0 else 1.0
 
 
+def resolve_precision(mixed_precision: str | None) -> str | None:
+    """``"auto"`` as this machine trains it: ``"bf16"`` on a GPU that supports it or a CPU with bf16 kernels
+    (:func:`fastdiff.machine.cpu_bf16_kernels`), else ``"no"`` (fp32; not fp16, which DMD2 and the LCM scripts' SD runs
+    diverge in); any other value unchanged. Resolved at each start: a run resumed on another machine may go on in the
+    other precision (the run's record names the precision of its last piece)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    from fastdiff.machine import cpu_bf16_kernels
+
+    fast = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_bf16_kernels()
+    return "bf16" if fast else "no"
+
+
 def _check_precision(mixed_precision: str, device: torch.device) -> None:
     """Warn where bf16 autocast would be emulated: on a CPU without bf16 kernels it is an order of magnitude slower
     than fp32 (:func:`fastdiff.machine.cpu_bf16_kernels`)."""
@@ -303,7 +318,7 @@ def _check_precision(mixed_precision: str, device: torch.device) -> None:
     if mixed_precision == "bf16" and device.type == "cpu" and not cpu_bf16_kernels():
         warnings.warn(f"trainer.mixed_precision=bf16 on a CPU without bf16 kernels ({torch.backends.cpu.get_cpu_capability()}; "
                       "they need AVX-512, AMX or ARM BF16): autocast emulates bf16 here, about 14x slower per step than fp32; "
-                      "pass --set trainer.mixed_precision=no unless bf16's numerics are what you want", stacklevel=3)  # fmt: skip
+                      "pass --set trainer.mixed_precision=no (or auto) unless bf16's numerics are what you want", stacklevel=3)  # fmt: skip
 
 
 def _tracker(name: str) -> str | None:
