@@ -106,6 +106,39 @@ def _tiny_run(tmp_path, steps=10, objective_wrapper=None, resume=None, **trainer
     return train(objective, data.data, data.labels, recipe.trainer, tmp_path / "run", {"recipe": "tiny"}, resume=resume, progress=False)
 
 
+def test_sigterm_checkpoints_the_current_step_stops_and_resumes_bitwise(tmp_path):
+    """SIGTERM (a scheduler's notice) mid-run: the trainer writes a checkpoint of the step it is on -- not only the last
+    regular one --, exits 3 naming it, restores the handlers, and --resume latest ends bit-identical to a run never
+    stopped."""
+    import re
+
+    recipe = _recipe(tmp_path, steps=60, checkpoint_every=10)
+    full = _cli(recipe, "--set", f"output_dir={tmp_path / 'full'}")
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    run = tmp_path / "stopped"
+    proc = _cli(recipe, "--set", f"output_dir={run}")
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_00000010").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, output
+    step = int(re.search(r"stopped by a signal after step (\d+) of 60", output).group(1))
+    assert 10 < step < 60 and (run / "checkpoints" / f"step_{step:08d}").is_dir() and not (run / "student").exists()
+    resumed = _cli(recipe, "--set", f"output_dir={run}", "--resume", "latest")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and f"(step {step})" in output, output
+    a, b = _weights(tmp_path / "full"), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_signals_are_restored_after_training(tmp_path):
+    previous = signal.getsignal(signal.SIGTERM)
+    _tiny_run(tmp_path, steps=2)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_corrupt_and_incomplete_checkpoints_are_skipped(tmp_path):
     _tiny_run(tmp_path, steps=13)
     ckpts = tmp_path / "run" / "checkpoints"

@@ -204,9 +204,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.name == "report":
         print(f"wrote {write_report(Path(args.out), Path(args.report), Path(args.readme))}")
         return
-    path = run_bench(args.name, args.quick, progress=not args.no_progress, out_dir=Path(args.out), report=Path(args.report),
-                     readme=Path(args.readme), recipes=Path(args.recipes), resume=args.resume, shard=args.shard, rows=args.rows,
-                     finished_only=args.finished_only)  # fmt: skip
+    from fastdiff.training.trainer import TrainingStopped
+
+    try:
+        path = run_bench(args.name, args.quick, progress=not args.no_progress, out_dir=Path(args.out), report=Path(args.report),
+                         readme=Path(args.readme), recipes=Path(args.recipes), resume=args.resume, shard=args.shard, rows=args.rows,
+                         finished_only=args.finished_only)  # fmt: skip
+    except TrainingStopped as err:  # a training of the benchmark: its checkpoint is written, --resume continues it
+        print(f"fastdiff bench: stopped: {err} (the benchmark: rerun it with --resume)", file=sys.stderr)
+        raise SystemExit(3) from None
     print(f"wrote {path}" if path else f"shard {args.shard[0]}/{args.shard[1]} done; its cells are in {args.out}/{args.name}.partial.jsonl")
 
 

@@ -68,7 +68,8 @@ class TrainerConfig:
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on a non-finite loss; the message names the step, the term and the last good checkpoint."""
+    """The run stopped on a non-finite loss (the message names the step, the term and the last good checkpoint) or on
+    SIGTERM / SIGUSR1 (after writing a checkpoint of the step it was on; the message names it)."""
 
 
 Evaluate = Callable[[torch.nn.Module, int], tuple[dict[str, float], Tensor | None]]
@@ -137,30 +138,35 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     tick = began = time.perf_counter()
     ticked = start  # steps done at the last log (the last interval may be shorter than log_every)
     terms: dict[str, Tensor] = {}  # each phase's latest terms and logs, on the device: read only at log steps
-    for step in bar:
-        shard = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
-        for phase in objective.phases:
-            if step % cfg.phase_optim.get(phase, cfg.optim).update_every:
-                continue
-            terms.update(_phase_step(accelerator, model, optims[phase], scheds[phase], shard, phase, step, cfg, last_ckpt, frozen[phase]))
-            _after_phase(accelerator.unwrap_model(model), phase)
-        ema.update(accelerator.unwrap_model(model).export())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            logs = _reduce_logs(accelerator, terms)
-            now = time.perf_counter()
-            logs["images_per_s"] = (step + 1 - ticked) * cfg.batch_size / max(now - tick, 1e-9)
-            tick, ticked = now, step + 1
-            accelerator.log(logs, step=step + 1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
-            history.append({"step": step + 1, **logs})
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            last_ckpt = save_checkpoint(accelerator, ckpt_dir, step + 1, fingerprint, cfg.keep_checkpoints, ema,
-                                        data_state=getattr(batches, "state_dict", lambda: None)(),
-                                        elapsed_s=elapsed + time.perf_counter() - began)  # fmt: skip
-        if evaluate is not None and accelerator.is_main_process and (
-            (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps
-        ):
-            _evaluate(evaluate, ema.model, step + 1, out, accelerator)
+    with _stop_signals() as signalled:  # SIGTERM / SIGUSR1: checkpoint after this step and stop
+        for step in bar:
+            shard = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+            for phase in objective.phases:
+                if step % cfg.phase_optim.get(phase, cfg.optim).update_every:
+                    continue
+                terms.update(_phase_step(accelerator, model, optims[phase], scheds[phase], shard, phase, step, cfg, last_ckpt, frozen[phase]))
+                _after_phase(accelerator.unwrap_model(model), phase)
+            ema.update(accelerator.unwrap_model(model).export())
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                logs = _reduce_logs(accelerator, terms)
+                now = time.perf_counter()
+                logs["images_per_s"] = (step + 1 - ticked) * cfg.batch_size / max(now - tick, 1e-9)
+                tick, ticked = now, step + 1
+                accelerator.log(logs, step=step + 1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+                history.append({"step": step + 1, **logs})
+            stop = _stop_requested(accelerator, signalled) and step + 1 < cfg.steps
+            if ((step + 1) % cfg.checkpoint_every == 0 or stop) and step + 1 < cfg.steps:
+                last_ckpt = save_checkpoint(accelerator, ckpt_dir, step + 1, fingerprint, cfg.keep_checkpoints, ema,
+                                            data_state=getattr(batches, "state_dict", lambda: None)(),
+                                            elapsed_s=elapsed + time.perf_counter() - began)  # fmt: skip
+            if stop:
+                raise TrainingStopped(f"stopped by a signal after step {step + 1} of {cfg.steps}; checkpoint {last_ckpt} written: "
+                                      "continue with --resume latest")  # fmt: skip
+            if evaluate is not None and accelerator.is_main_process and (
+                (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps
+            ):
+                _evaluate(evaluate, ema.model, step + 1, out, accelerator)
     bar.close()
     accelerator.wait_for_everyone()
     main, device, precision = accelerator.is_main_process, str(accelerator.device), accelerator.mixed_precision
@@ -172,6 +178,35 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     record = {"history": history, "start_step": start, "num_processes": world, "is_main_process": main, "device": device,
               "mixed_precision": precision, "seconds_all_pieces": elapsed + time.perf_counter() - began}  # with a resumed run's earlier pieces (as checkpointed)
     return ema.model, record
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """While training: SIGTERM and SIGUSR1 (a scheduler's notice before it ends a job, e.g. Slurm's ``--signal``)
+    are recorded instead of ending the process, so the loop can checkpoint after the current step and stop; the
+    previous handlers come back after. Outside the main thread (where handlers cannot be set) nothing is caught."""
+    import signal
+    import threading
+
+    caught: list[int] = []
+    kinds = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda number, frame: caught.append(number)) for s in kinds}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stop_requested(accelerator, caught: list[int]) -> bool:
+    """Whether any process was signalled (every process stops at the same step: one reduction per step when there
+    are several)."""
+    if accelerator.num_processes == 1:
+        return bool(caught)
+    return bool(accelerator.reduce(torch.tensor(float(bool(caught)), device=accelerator.device), reduction="sum") > 0)
 
 
 def _phase_step(accelerator, model, opt, sched, shard, phase, step, cfg, last_ckpt, frozen: list[Tensor]) -> dict[str, Tensor]:
