@@ -78,6 +78,8 @@ FASHION_RECIPES = {
     "iCT": ("recipes/ict_fashion_mnist.yaml", ()),
     "CD (LCM-style)": ("recipes/cd_fashion_mnist.yaml", ()),
     "SCott": ("recipes/scott_fashion_mnist.yaml", ()),
+    # the digits table's best SCott (1-step below CD's there): the adversary weighted adaptively, teacher noise 0.1
+    "SCott adaptive adversary eta=0.1": ("recipes/scott_fashion_mnist.yaml", ("scott.adaptive_adversary=true", "scott.eta=0.1")),
     "DMD2": ("recipes/dmd2_fashion_mnist.yaml", ()),
     "DMD2 4-step": ("recipes/dmd2_fashion_mnist.yaml", ("dmd.generator_steps=4", "eval.steps=[1, 2, 4]")),
     # G starts from the CD row's student (as DMD2's one-step SD generator starts from a regression-trained one), half
