@@ -170,7 +170,8 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("name", choices=(*BENCH_NAMES, "report"),
                    help="teachers: FID of the shipped teachers; samplers: every sampler side by side (Fashion-MNIST teacher, "
                         "Gaussian-mixture oracle, scheduler overhead); distill: digits students vs their teacher and the "
-                        "trainer's overhead; distill-fashion-mnist: the Fashion-MNIST students (trainings kept in runs/bench, "
+                        "trainer's overhead and step costs (bf16 vs fp32 here); distill-fashion-mnist: the Fashion-MNIST "
+                        "students (trainings kept in runs/bench, "
                         "--resume continues them); cache: feature-cache policies vs uncached and diffusers' caches (the "
                         "fashion-mnist-dit teacher); cache-unet: DeepCache-style caching of the Fashion-MNIST UNet; dmd2-layouts: "
                         "peak memory and s/step of DMD2's three-network and one-base LoRA layouts on SD-1.5-shaped UNets; "

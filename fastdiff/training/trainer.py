@@ -99,7 +99,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     if cfg.batch_size % cfg.grad_accum:
         raise InputError(f"trainer.batch_size={cfg.batch_size} must be divisible by trainer.grad_accum={cfg.grad_accum}")
     _check_phases(objective, cfg)
-    accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), log_with=_tracker(cfg.tracker), project_dir=str(out),
+    accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), log_with=_tracker(cfg.tracker),
+                                             project_dir=str(out),
                                              cpu=not torch.cuda.is_available(),  # cpu: torchrun on CPU runs gloo processes
                                              kwargs_handlers=_ddp_kwargs(objective))  # fmt: skip
     _check_precision(accelerator.mixed_precision, accelerator.device)
@@ -176,7 +177,8 @@ def train(objective: Objective, data: Tensor | BatchSource, labels: Tensor | Non
     accelerator.free_memory()
     accelerator.end_training()  # also ends the process group
     record = {"history": history, "start_step": start, "num_processes": world, "is_main_process": main, "device": device,
-              "mixed_precision": precision, "seconds_all_pieces": elapsed + time.perf_counter() - began}  # with a resumed run's earlier pieces (as checkpointed)
+              "mixed_precision": precision,  # as resolved (auto: bf16 or no)
+              "seconds_all_pieces": elapsed + time.perf_counter() - began}  # with a resumed run's earlier pieces (as checkpointed)
     return ema.model, record
 
 
