@@ -17,7 +17,8 @@ beyond the abstract is secondary):
   embedding; the paper's SD discriminator -- a LoRA on the frozen SD UNet -- is not implemented here), hinge loss,
   ``L = L_CD + lambda_adv L_adv`` with ``lambda_adv = 0.4`` (the one weight reported; UNVERIFIED). The scale of
   ``L_CD`` depends on the data and the distance (SD latents, Huber or L2), so a fixed weight does not carry over: on
-  the digits teacher with L2, the hinge term's gradient at step 0 is about 15x the CD term's at the student's output, 90x at its last layer.
+  the digits teacher with L2, the hinge term's gradient at step 0 is about 15x the CD term's at the student's output,
+  90x at its last layer.
   ``adaptive_adversary``: ``lambda_adv`` times VQGAN's adaptive ratio ``||grad L_CD|| / ||grad L_adv||``, both
   gradients taken at the student's output ``f_theta(x_t, t)`` (any network: UNet, DiT, LoRA), so the adversary's
   share of the gradient there is ``lambda_adv`` -- not in the paper (:func:`~fastdiff.objectives.losses.adaptive_weight`).
@@ -84,6 +85,7 @@ class StochasticConsistency(Objective):
         terms, logs = {"distillation": loss.mean()}, {"mean_t": float(t.float().mean()), "mean_w": float(w.mean())}
         if self.discriminator is not None:
             adversarial = hinge_generator_loss(self.discriminator(student, t))
-            weight = self.adversarial_weight * (adaptive_weight(terms["distillation"], adversarial, student, 0.0, 1e4) if self.adaptive_adversary else 1.0)
+            ratio = adaptive_weight(terms["distillation"], adversarial, student, 0.0, 1e4) if self.adaptive_adversary else 1.0
+            weight = self.adversarial_weight * ratio
             terms["adversarial"], logs["adversarial_weight"] = weight * adversarial, float(weight)
         return LossOutput(terms, logs)
