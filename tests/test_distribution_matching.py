@@ -323,6 +323,50 @@ def test_dmd_generator_init_recipe_key(tmp_path):
         build_objective(load_config(DistillRecipe, recipe, [f"dmd.generator_init={student}"]), 1, 8, 10)
 
 
+def test_dmd_generator_init_from_a_reflow_student(tmp_path):
+    """A reflow student (``VPFlowModel``) as ``dmd.generator_init``: G is its VP network, so at step 0 G's clean-sample
+    estimate at every ``(x_t, t)`` is the student's own ``z_t - t v`` at the same point of the flow (``z = x_t /
+    (s (1 + sigma))``, flow time ``sigma / (1 + sigma)``); a student of another noise schedule is refused, naming it."""
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fastdiff.eval.assets import pipeline_path
+    from fastdiff.flow_student import VPFlowModel
+    from fastdiff.pipelines.class_conditional import ClassConditionalPipeline, load_pipeline, save_teacher
+    from fastdiff.training.config import load_config
+    from fastdiff.training.distill import DistillRecipe, build_objective
+
+    teacher = load_pipeline(pipeline_path("digits"))
+    config = dict(teacher.scheduler.config)
+    flow = VPFlowModel.from_base(teacher.model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in flow.base.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a student: other weights than the teacher's
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "dmd2_digits.yaml"
+    save_teacher(ClassConditionalPipeline(unet=flow, scheduler=FlowMatchEulerDiscreteScheduler()), tmp_path / "reflow")
+    objective, _ = build_objective(load_config(DistillRecipe, recipe, [f"dmd.generator_init={tmp_path / 'reflow'}"]), 1, 8, 10)
+
+    x_t, t, labels = torch.randn(6, 1, 8, 8), torch.tensor([999, 900, 700, 400, 100, 20]), torch.arange(6)
+    with torch.no_grad():
+        x0_g = objective._x0("generator", x_t, t, {"class_labels": labels})
+        abar = objective.schedule.alphas_cumprod[t]
+        sigma = ((1 - abar) / abar).sqrt()
+        z = x_t.double() / (abar.sqrt() * (1 + sigma)).view(-1, 1, 1, 1)
+        tau = (sigma / (1 + sigma)).view(-1, 1, 1, 1)
+        v = flow(z.float(), (1000 * tau).flatten(), class_labels=labels).sample
+        x0_flow = z - tau * v.double()
+        x0_teacher = objective._x0("teacher", x_t, t, {"class_labels": labels})
+    torch.testing.assert_close(x0_g.double(), x0_flow, atol=2e-4, rtol=2e-4)
+    assert (x0_g - x0_teacher).abs().max() > 1e-2  # the student's weights, not the teacher's
+
+    other = VPFlowModel.from_base(teacher.model, {**config, "beta_end": 0.012})
+    save_teacher(ClassConditionalPipeline(unet=other, scheduler=FlowMatchEulerDiscreteScheduler()), tmp_path / "other")
+    with pytest.raises(InputError, match="is a reflow student of another noise schedule than the teacher"):
+        build_objective(load_config(DistillRecipe, recipe, [f"dmd.generator_init={tmp_path / 'other'}"]), 1, 8, 10)
+
+
 def test_lora_layout_shares_one_frozen_base():
     """Generator and fake score as two LoRA adapters on the teacher: at start both compute what the teacher does
     (the same losses as the copies layout), the phases train disjoint adapter parameters, switching adapters leaves

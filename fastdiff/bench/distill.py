@@ -71,6 +71,7 @@ DISTILL_RECIPES = {
     "2-RF++ uniform t": ("recipes/reflow_digits.yaml", ("reflow.t_distribution=uniform",)),
     "2-RF++ L2": ("recipes/reflow_digits.yaml", ("reflow.loss=l2",)),
     "2-RF++ pseudo-Huber": ("recipes/reflow_digits.yaml", ("reflow.loss=pseudo_huber",)),
+    "DMD2 from 2-RF++": ("recipes/dmd2_digits.yaml", ("dmd.generator_init=runs/bench/distill-digits/2-rf/student", "trainer.steps=1000")),
 }
 # the Fashion-MNIST students of the shipped UNet teacher; the DMD2 ablations (TTUR 1, no GAN, the other divergences)
 # run on digits only: each Fashion-MNIST training is 1-2 CPU-hours (CTM about 5.5: 7.8 s per step on one core)
@@ -94,6 +95,9 @@ FASHION_RECIPES = {
     "CTM without GAN": ("recipes/ctm_fashion_mnist.yaml", ("ctm.gan_weight=0", "trainer.phase_optim={}")),
     "2-RF++": ("recipes/reflow_fashion_mnist.yaml", ()),
     "2-RF++ reuse-noise sampler": ("recipes/reflow_fashion_mnist.yaml", (), {"scheduler": "reflow"}),
+    # G starts from the 2-RF++ row's student (the best row before it): its VP network (a reflow student is one read
+    # through the sigma <-> t change of variables), the protocol of DMD2 from CD; after the 2-RF++ row, which it needs
+    "DMD2 from 2-RF++": ("recipes/dmd2_fashion_mnist.yaml", ("dmd.generator_init=runs/bench/distill-fashion-mnist/2-rf/student", "trainer.steps=1000")),
 }
 TEACHER_SAMPLERS = (("GHVB 1.8", "ghvb", {"solver_order": 2, "momentum": 0.8}), ("HB-DPM-Solver++(2M)", "hb-dpmpp-2m", {}),
                     ("iPNDM", "ipndm", {}), ("S-PNDM", "s-pndm", {}))  # fmt: skip

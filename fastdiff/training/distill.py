@@ -267,15 +267,28 @@ def _distribution_matching(recipe: DistillRecipe, channels: int, size: int, num_
 
 
 def _starting_generator(m: DMDConfig, recipe: DistillRecipe, channels: int, size: int, num_classes: int, config: dict):
-    """``dmd.generator_init``'s network (``None``: G starts as the teacher), refused unless it predicts as the teacher."""
+    """``dmd.generator_init``'s network (``None``: G starts as the teacher), refused unless it predicts as the teacher.
+
+    A reflow student (:class:`~fastdiff.flow_student.VPFlowModel`) is a VP network of the teacher's convention read
+    through the sigma <-> t change of variables: G starts as that network (``.base``), which computes the student's
+    clean-sample estimate at every noise level, provided its VP schedule is the teacher's."""
+    from fastdiff.flow_student import VPFlowModel
+    from fastdiff.schedules import VPSchedule
+
     if m.generator_init is None:
         return None
     student, student_config = _teacher_for(m.generator_init, recipe, channels, size, num_classes, "dmd.generator_init")
+    net = student.model
+    if isinstance(net, VPFlowModel):
+        student_config, net = dict(net.config.vp_config or {}), net.base
+        if not torch.equal(VPSchedule.from_config(student_config).alphas_cumprod, VPSchedule.from_config(config).alphas_cumprod):
+            raise InputError(f"dmd.generator_init={m.generator_init} is a reflow student of another noise schedule than the "
+                             f"teacher {m.teacher} (unet config vp_config); start from a student of this teacher")  # fmt: skip
     want, got = config.get("prediction_type", "epsilon"), student_config.get("prediction_type", "epsilon")
     if got != want:
         raise InputError(f"dmd.generator_init={m.generator_init} predicts {got} but the teacher {m.teacher} predicts {want}; "
                          "start from a student of this teacher")  # fmt: skip
-    return student.model
+    return net
 
 
 def _trajectory(recipe: DistillRecipe, channels: int, size: int, num_classes: int):
